@@ -1,0 +1,7 @@
+"""Codecs and their registry. Importing this package registers the built-in codecs."""
+
+from nwcfmt.codecs import lossless, raw  # noqa: F401  (registration side effect)
+from nwcfmt.codecs.base import Codec, EncodeContext, EncodedTensor
+from nwcfmt.codecs.registry import available_codecs, get_codec, register_codec
+
+__all__ = ["Codec", "EncodeContext", "EncodedTensor", "available_codecs", "get_codec", "register_codec"]

@@ -1,0 +1,80 @@
+"""The codec interface (numcodecs style): a small class with an id, a version, a config, encode and decode."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from nwcfmt.container.manifest import TensorRecord
+from nwcfmt.container.safetensors_io import TensorInfo
+from nwcfmt.errors import FormatError
+
+PRIMARY_SEGMENT = "data"
+
+
+@dataclass
+class EncodedTensor:
+    """What a codec produces: named segments (any dtype/shape, stored as safetensors tensors) and params."""
+
+    segments: dict[str, torch.Tensor]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EncodeContext:
+    """Information an encoder may use beyond the tensor itself (later: calibration statistics)."""
+
+    name: str = ""
+
+
+class Codec(ABC):
+    """A codec turns one tensor into segments + JSON params and back.
+
+    Subclasses set ``codec_id`` and ``version``; constructor keyword arguments are the codec's config.
+    ``version`` is the newest stored-layout version the class can read and the one it writes.
+    """
+
+    codec_id: ClassVar[str]
+    version: ClassVar[int] = 1
+    segment_names: ClassVar[tuple[str, ...]] = (PRIMARY_SEGMENT,)
+    exact: ClassVar[bool] = False  # decodes bit for bit to the input: ``raw`` is an equivalent fallback
+
+    def get_config(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Codec:
+        return cls(**config)
+
+    def supports(self, tensor: torch.Tensor) -> bool:
+        """Whether this codec can encode the tensor (dtype, shape)."""
+        return True
+
+    @abstractmethod
+    def encode(self, tensor: torch.Tensor, ctx: EncodeContext | None = None) -> EncodedTensor:
+        """Encode a CPU tensor."""
+
+    @classmethod
+    def validate(cls, record: TensorRecord, segments: Mapping[str, TensorInfo]) -> None:
+        """Check a record's params against its segments' header entries before any payload is read.
+
+        Raises :class:`FormatError` on disagreement. The base check: exactly the expected segment names.
+        """
+        expected = set(cls.segment_names)
+        if set(segments) != expected:
+            raise FormatError(
+                f"tensor {record.name!r}: codec {cls.codec_id!r} expects segments {sorted(expected)}, "
+                f"found {sorted(segments)}"
+            )
+
+    @classmethod
+    @abstractmethod
+    def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Rebuild the tensor (its original dtype and shape) on ``device`` from validated segments.
+
+        Segments are CPU tensors that may view a memory map: a decoder must not keep references to them.
+        """

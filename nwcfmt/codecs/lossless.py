@@ -1,0 +1,283 @@
+"""``lossless``: bit-exact compression of bf16 / fp16 / fp32 tensors.
+
+Each chunk of ``chunk_elems`` values is split into
+
+* a *symbol plane*: the exponent plus the top ``k`` mantissa bits of every value, ranked into a per-chunk
+  table of at most 256 distinct prefixes so that each symbol is one byte. This is where weights carry
+  little information (exponents cluster; the top mantissa bits are skewed within each binade);
+* *tail planes*: the remaining mantissa bits with the sign on top, little-endian bytes.
+
+Every plane is entropy-coded as one zstd frame, tuned so that zstd acts as a Huffman coder (no useful LZ
+matches exist in these planes), or stored raw when that is not smaller. Chunks decode independently, in
+parallel threads on the CPU. The bit-level layout is specified in ``spec/codecs/lossless.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+import zstandard
+
+from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec, EncodeContext, EncodedTensor
+from nwcfmt.codecs.registry import register_codec
+from nwcfmt.constants import DTYPE_NAMES, MAX_CHUNK_ELEMENTS
+from nwcfmt.container.manifest import TensorRecord
+from nwcfmt.container.safetensors_io import TensorInfo
+from nwcfmt.errors import EncodeError, FormatError, LimitError
+
+INDEX_SEGMENT = "index"
+DEFAULT_CHUNK_ELEMS = 1 << 17
+MIN_CHUNK_ELEMS = 256
+TABLE_SLOTS = 256
+
+
+@dataclass(frozen=True)
+class FloatLayout:
+    """Bit layout of a float format and the symbol widths the codec may use for it."""
+
+    word_bits: int
+    exponent_bits: int
+    mantissa_bits: int
+    symbol_ks: tuple[int, ...]  # allowed mantissa bits in the symbol, tried in order
+    tail_planes: int
+
+    @property
+    def word(self) -> type[np.unsignedinteger]:
+        return np.uint16 if self.word_bits == 16 else np.uint32
+
+
+LAYOUTS: dict[str, FloatLayout] = {
+    "bfloat16": FloatLayout(16, 8, 7, (2, 1, 0), 1),
+    "float16": FloatLayout(16, 5, 10, (3,), 1),
+    "float32": FloatLayout(32, 8, 23, (2, 1, 0), 3),
+}
+
+# Index row: [info, len(symbol stream), len(tail plane 0), ...] as little-endian uint32.
+# info = k | (n_symbols - 1) << 8 | raw_mask << 16; raw_mask bit 0: symbol plane raw, bit 1 + i: tail plane i raw.
+
+
+def _zstd_params() -> zstandard.ZstdCompressionParameters:
+    # A 128 KiB window keeps one Huffman table per 128 KiB block; a tiny hash table and min_match=7 keep
+    # zstd from spending bits on short LZ matches that these planes do not have.
+    return zstandard.ZstdCompressionParameters(
+        window_log=17, chain_log=6, hash_log=6, search_log=1, min_match=7, target_length=0,
+        strategy=zstandard.STRATEGY_FAST, write_content_size=True, write_checksum=False, write_dict_id=False,
+    )
+
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    comp = getattr(_local, "compressor", None)
+    if comp is None:
+        comp = _local.compressor = zstandard.ZstdCompressor(compression_params=_zstd_params())
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec = getattr(_local, "decompressor", None)
+    if dec is None:
+        dec = _local.decompressor = zstandard.ZstdDecompressor()
+    return dec
+
+
+def num_threads() -> int:
+    env = os.environ.get("NWC_THREADS", "")
+    return max(1, int(env)) if env.isdigit() else min(os.cpu_count() or 1, 16)
+
+
+@cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nwc-lossless")
+
+
+def _map(fn, items) -> list:
+    workers = num_threads()
+    if workers == 1 or len(items) < 2:
+        return [fn(i) for i in items]
+    return list(_pool(workers).map(fn, items))
+
+
+# ----------------------------------------------------------------------------------------------- encode
+
+
+def _pack_stream(plane: np.ndarray) -> tuple[bytes, bool]:
+    """zstd frame of the plane, or the plane itself when compression does not pay. Returns (bytes, raw)."""
+    raw = plane.tobytes()
+    packed = _compressor().compress(raw)
+    return (raw, True) if len(packed) >= len(raw) else (packed, False)
+
+
+def _choose_symbols(u: np.ndarray, lay: FloatLayout) -> tuple[int, np.ndarray, np.ndarray]:
+    """Largest allowed k whose prefixes fit the 256-entry table; returns (k, table, symbols)."""
+    for k in lay.symbol_ks:
+        width = lay.exponent_bits + k
+        prefix = (u >> (lay.mantissa_bits - k)) & ((1 << width) - 1)
+        present = np.flatnonzero(np.bincount(prefix, minlength=1 << width))
+        if len(present) <= TABLE_SLOTS:
+            lut = np.zeros(1 << width, dtype=np.uint8)
+            lut[present] = np.arange(len(present), dtype=np.uint8)
+            return k, present.astype("<u2"), lut[prefix]
+    raise AssertionError("the smallest k always fits")  # k=0 prefixes are <= 8 bits
+
+
+def _encode_chunk(u: np.ndarray, lay: FloatLayout) -> tuple[list[int], bytes]:
+    k, table, symbols = _choose_symbols(u, lay)
+    t = lay.mantissa_bits - k
+    tail = ((u >> (lay.word_bits - 1)) << t) | (u & ((1 << t) - 1))
+    planes = [symbols] + [((tail >> (8 * i)) & 0xFF).astype(np.uint8) for i in range(lay.tail_planes)]
+    streams, raw_mask = [], 0
+    for i, plane in enumerate(planes):
+        data, raw = _pack_stream(plane)
+        streams.append(data)
+        raw_mask |= int(raw) << i
+    row = [k | (len(table) - 1) << 8 | raw_mask << 16] + [len(s) for s in streams]
+    return row, table.tobytes() + b"".join(streams)
+
+
+# ----------------------------------------------------------------------------------------------- decode
+
+
+def _unpack_stream(data: memoryview, raw: bool, n: int, where: str) -> np.ndarray:
+    if raw:
+        if len(data) != n:
+            raise FormatError(f"{where}: raw plane has {len(data)} bytes, expected {n}")
+        return np.frombuffer(data, dtype=np.uint8)
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError:
+        raise FormatError(f"{where}: plane is not a zstd frame") from None
+    if declared != n:
+        raise LimitError(f"{where}: plane declares {declared} bytes, expected {n}")
+    try:
+        out = _decompressor().decompress(data, max_output_size=n)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"{where}: corrupt zstd frame ({exc})") from None
+    if len(out) != n:
+        raise FormatError(f"{where}: plane decoded to {len(out)} bytes, expected {n}")
+    return np.frombuffer(out, dtype=np.uint8)
+
+
+def _decode_chunk(out: np.ndarray, data: memoryview, row: np.ndarray, lay: FloatLayout, where: str) -> None:
+    n = out.size
+    info = int(row[0])
+    k, n_sym, raw_mask = info & 0xFF, ((info >> 8) & 0xFF) + 1, info >> 16
+    if k not in lay.symbol_ks or raw_mask >> (1 + lay.tail_planes) or n_sym > n:
+        raise FormatError(f"{where}: invalid chunk header {info:#010x}")
+    table = np.zeros(TABLE_SLOTS, dtype=lay.word)
+    table[:n_sym] = np.frombuffer(data[: 2 * n_sym], dtype="<u2")
+    t = lay.mantissa_bits - k
+    table <<= t
+    pos = 2 * n_sym
+    planes = []
+    for i, length in enumerate(row[1:]):
+        planes.append(_unpack_stream(data[pos : pos + int(length)], bool(raw_mask >> i & 1), n, where))
+        pos += int(length)
+    np.take(table, planes[0], out=out)  # symbols are bytes: the 256-slot table cannot be overrun
+    tail = planes[1].astype(lay.word)
+    for i, plane in enumerate(planes[2:], start=1):
+        tail |= plane.astype(lay.word) << (8 * i)
+    out |= tail & ((1 << t) - 1)
+    out |= (tail >> t) << (lay.word_bits - 1)
+
+
+def _chunk_bounds(numel: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk, numel)) for s in range(0, numel, chunk)]
+
+
+@register_codec
+class LosslessCodec(Codec):
+    """Bit-exact entropy coding of float weights. Config: ``chunk_elems`` (values per independent chunk)."""
+
+    codec_id = "lossless"
+    version = 1
+    exact = True
+    segment_names = (PRIMARY_SEGMENT, INDEX_SEGMENT)
+
+    def __init__(self, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> None:
+        if not MIN_CHUNK_ELEMS <= chunk_elems <= MAX_CHUNK_ELEMENTS:
+            raise EncodeError(f"chunk_elems must be in [{MIN_CHUNK_ELEMS}, {MAX_CHUNK_ELEMENTS}]")
+        self.chunk_elems = int(chunk_elems)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"chunk_elems": self.chunk_elems}
+
+    def supports(self, tensor: torch.Tensor) -> bool:
+        from nwcfmt.constants import dtype_name
+
+        return dtype_name(tensor.dtype) in LAYOUTS
+
+    def encode(self, tensor: torch.Tensor, ctx: EncodeContext | None = None) -> EncodedTensor:
+        from nwcfmt.constants import dtype_name
+
+        lay = LAYOUTS.get(dtype_name(tensor.dtype))
+        if lay is None:
+            raise EncodeError(f"lossless supports {', '.join(LAYOUTS)}, not {tensor.dtype}")
+        words = tensor.detach().cpu().contiguous().reshape(-1).view(torch.int16 if lay.word_bits == 16 else torch.int32)
+        u = words.numpy().view(lay.word)
+        bounds = _chunk_bounds(u.size, self.chunk_elems)
+        results = _map(lambda b: _encode_chunk(u[b[0] : b[1]], lay), bounds)
+        index = np.array([row for row, _ in results], dtype="<u4").reshape(len(bounds), 2 + lay.tail_planes)
+        data = np.frombuffer(b"".join(blob for _, blob in results), dtype=np.uint8)
+        return EncodedTensor(
+            {PRIMARY_SEGMENT: torch.from_numpy(data.copy()), INDEX_SEGMENT: torch.from_numpy(index.view(np.uint8).reshape(-1).copy())},
+            self.get_config(),
+        )
+
+    @classmethod
+    def _chunk_elems(cls, record: TensorRecord) -> int:
+        chunk = record.params.get("chunk_elems")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or not MIN_CHUNK_ELEMS <= chunk <= MAX_CHUNK_ELEMENTS:
+            raise FormatError(f"tensor {record.name!r}: lossless chunk_elems must be an integer in "
+                              f"[{MIN_CHUNK_ELEMS}, {MAX_CHUNK_ELEMENTS}]")
+        return chunk
+
+    @classmethod
+    def validate(cls, record: TensorRecord, segments: Mapping[str, TensorInfo]) -> None:
+        super().validate(record, segments)
+        lay = LAYOUTS.get(record.dtype)
+        if lay is None:
+            raise FormatError(f"tensor {record.name!r}: lossless cannot hold dtype {record.dtype}")
+        chunk = cls._chunk_elems(record)
+        for name, info in segments.items():
+            if info.dtype != "U8" or len(info.shape) != 1:
+                raise FormatError(f"tensor {record.name!r}: segment {name!r} must be 1-D U8")
+        n_chunks = math.ceil(record.numel / chunk)
+        expected = n_chunks * (2 + lay.tail_planes) * 4
+        if segments[INDEX_SEGMENT].nbytes != expected:
+            raise FormatError(f"tensor {record.name!r}: index has {segments[INDEX_SEGMENT].nbytes} bytes, "
+                              f"expected {expected} for {n_chunks} chunks")
+
+    @classmethod
+    def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        lay = LAYOUTS[record.dtype]
+        chunk = cls._chunk_elems(record)
+        data = memoryview(segments[PRIMARY_SEGMENT].numpy())
+        index = segments[INDEX_SEGMENT].numpy().view("<u4").reshape(-1, 2 + lay.tail_planes).astype(np.int64)
+        bounds = _chunk_bounds(record.numel, chunk)
+        n_sym = ((index[:, 0] >> 8) & 0xFF) + 1
+        sizes = 2 * n_sym + index[:, 1:].sum(axis=1)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        if offsets[-1] != len(data):
+            raise FormatError(f"tensor {record.name!r}: chunks cover {offsets[-1]} bytes, data has {len(data)}")
+        out = np.empty(record.numel, dtype=lay.word)
+
+        def run(i: int) -> None:
+            s, e = bounds[i]
+            where = f"tensor {record.name!r} chunk {i}"
+            _decode_chunk(out[s:e], data[offsets[i] : offsets[i + 1]], index[i], lay, where)
+
+        _map(run, range(len(bounds)))
+        words = torch.from_numpy(out.view(np.int16 if lay.word_bits == 16 else np.int32))
+        tensor = words.view(DTYPE_NAMES[record.dtype]).reshape(record.shape)
+        return tensor if device.type == "cpu" else tensor.to(device)

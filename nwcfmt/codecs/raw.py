@@ -1,0 +1,41 @@
+"""``raw``: the tensor stored as is, under its own name, in its own dtype and shape."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec, EncodeContext, EncodedTensor
+from nwcfmt.codecs.registry import register_codec
+from nwcfmt.constants import DTYPE_NAMES, ST_TO_TORCH
+from nwcfmt.container.manifest import TensorRecord
+from nwcfmt.container.safetensors_io import TensorInfo
+from nwcfmt.errors import FormatError
+
+
+@register_codec
+class RawCodec(Codec):
+    codec_id = "raw"
+    version = 1
+    exact = True
+
+    def encode(self, tensor: torch.Tensor, ctx: EncodeContext | None = None) -> EncodedTensor:
+        return EncodedTensor({PRIMARY_SEGMENT: tensor.contiguous()})
+
+    @classmethod
+    def validate(cls, record: TensorRecord, segments: Mapping[str, TensorInfo]) -> None:
+        super().validate(record, segments)
+        info = segments[PRIMARY_SEGMENT]
+        if ST_TO_TORCH[info.dtype] != DTYPE_NAMES[record.dtype] or info.shape != record.shape:
+            raise FormatError(
+                f"tensor {record.name!r}: raw segment is {info.dtype}{list(info.shape)}, "
+                f"manifest says {record.dtype}{list(record.shape)}"
+            )
+
+    @classmethod
+    def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        data = segments[PRIMARY_SEGMENT]
+        if device.type == "cpu":
+            return data.clone()
+        return data.to(device, non_blocking=False)

@@ -1,0 +1,156 @@
+"""NwcReader: open an NWC file lazily, validate header and manifest up front, decode tensors on demand."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from nwcfmt.codecs.registry import get_codec
+from nwcfmt.constants import DTYPE_NAMES, MANIFEST_KEY, PAD_PREFIX, ST_TO_TORCH, dtype_name
+from nwcfmt.container.manifest import Manifest, SegmentRef, TensorRecord
+from nwcfmt.container.safetensors_io import Header, TensorInfo, read_header
+from nwcfmt.container.writer import crc32
+from nwcfmt.errors import ChecksumError, FormatError, UnsupportedVersionError
+
+
+def _plain_manifest(header: Header) -> Manifest:
+    """A plain safetensors file read as if every tensor were stored with the raw codec."""
+    records = [
+        TensorRecord(t.name, "raw", 1, dtype_name(ST_TO_TORCH[t.dtype]), t.shape, {}, {"data": SegmentRef(t.name, -1)})
+        for t in header.tensors.values()
+    ]
+    return Manifest(records, alignment=1)
+
+
+class NwcReader:
+    """Reads an NWC file (or, with ``allow_plain=True``, a plain safetensors file).
+
+    The constructor reads only the header: it validates the safetensors header, the manifest, every
+    record against the tensors that hold its segments, segment alignment, and codec ids and versions.
+    Payloads are memory-mapped and checked against their CRC-32 when a tensor is decoded.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_plain: bool = False) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self._map: mmap.mmap | None = None
+        try:
+            self.header = read_header(self._file, self.path)
+            self.metadata = {k: v for k, v in self.header.metadata.items() if k != MANIFEST_KEY}
+            text = self.header.metadata.get(MANIFEST_KEY)
+            self.is_plain = text is None
+            if self.is_plain and not allow_plain:
+                raise FormatError(f"{self.path}: not an NWC file (no {MANIFEST_KEY!r} manifest in __metadata__)")
+            self.manifest = _plain_manifest(self.header) if self.is_plain else Manifest.from_json(text, str(self.path))
+            self._records = {r.name: r for r in self.manifest.tensors}
+            self._validate()
+        except BaseException:
+            self._file.close()
+            raise
+
+    # ----------------------------------------------------------------------------------- validation
+    def _segment_infos(self, record: TensorRecord) -> dict[str, TensorInfo]:
+        infos = {}
+        for seg_name, ref in record.segments.items():
+            info = self.header.tensors.get(ref.tensor)
+            if info is None:
+                raise FormatError(f"{self.path}: tensor {record.name!r}: segment tensor {ref.tensor!r} is missing")
+            infos[seg_name] = info
+        return infos
+
+    def _validate(self) -> None:
+        used: dict[str, str] = {}
+        for record in self.manifest.tensors:
+            codec = get_codec(record.codec)
+            if record.codec_version > codec.version or record.codec_version < 1:
+                raise UnsupportedVersionError(
+                    f"{self.path}: tensor {record.name!r} uses {record.codec} v{record.codec_version}; "
+                    f"this nwcfmt reads up to v{codec.version}"
+                )
+            infos = self._segment_infos(record)
+            for info in infos.values():
+                if info.name in used:
+                    raise FormatError(f"{self.path}: tensor {info.name!r} is claimed by {used[info.name]!r} "
+                                      f"and {record.name!r}")
+                used[info.name] = record.name
+                if (info.start % self.manifest.alignment) and info.nbytes:
+                    raise FormatError(f"{self.path}: segment {info.name!r} is not {self.manifest.alignment}-byte aligned")
+            codec.validate(record, infos)
+        for info in self.header.tensors.values():
+            if info.name in used:
+                continue
+            if not (info.name.startswith(PAD_PREFIX) and info.dtype == "U8"):
+                raise FormatError(f"{self.path}: tensor {info.name!r} is not described by the manifest")
+
+    # ------------------------------------------------------------------------------------- access
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.manifest.tensors]
+
+    def record(self, name: str) -> TensorRecord:
+        try:
+            return self._records[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+    def stored_bytes(self, name: str) -> int:
+        return sum(info.nbytes for info in self._segment_infos(self.record(name)).values())
+
+    def _buffer(self) -> mmap.mmap:
+        if self._map is None:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._map
+
+    def segments(self, name: str, *, verify: bool = True) -> dict[str, torch.Tensor]:
+        """The segments of one tensor as CPU tensors viewing the file (checked against their CRC-32)."""
+        record = self.record(name)
+        out = {}
+        for seg_name, info in self._segment_infos(record).items():
+            view = memoryview(self._buffer())[info.start : info.end]
+            ref = record.segments[seg_name]
+            if verify and ref.crc32 >= 0 and crc32(view) != ref.crc32:
+                raise ChecksumError(f"{self.path}: tensor {name!r}: checksum mismatch in segment {seg_name!r}")
+            dtype = ST_TO_TORCH[info.dtype]
+            flat = torch.frombuffer(view, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
+            out[seg_name] = flat.view(dtype).reshape(info.shape)
+        return out
+
+    def decode(
+        self,
+        name: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        verify: bool = True,
+    ) -> torch.Tensor:
+        """Decode one tensor onto ``device``, optionally cast to ``dtype``."""
+        record = self.record(name)
+        device = torch.device(device)
+        tensor = get_codec(record.codec).decode(record, self.segments(name, verify=verify), device)
+        if tensor.dtype != DTYPE_NAMES[record.dtype] or tuple(tensor.shape) != record.shape:
+            raise FormatError(f"{self.path}: tensor {name!r} decoded to the wrong dtype or shape")
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def items(self, **kwargs) -> Iterator[tuple[str, torch.Tensor]]:
+        """Decode every tensor in file order."""
+        for name in self.names:
+            yield name, self.decode(name, **kwargs)
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a caller still holds a view; the map is freed with it
+                pass
+            self._map = None
+        self._file.close()
+
+    def __enter__(self) -> NwcReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,117 @@
+"""NwcWriter: encode tensors one at a time into an NWC (safetensors) file, atomically."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec, EncodeContext
+from nwcfmt.codecs.registry import get_codec
+from nwcfmt.constants import ALIGNMENT, MANIFEST_KEY, SEGMENT_SEPARATOR, dtype_name
+from nwcfmt.container.manifest import Manifest, SegmentRef, TensorRecord
+from nwcfmt.container.safetensors_io import StreamingWriter, tensor_bytes
+from nwcfmt.errors import EncodeError
+
+
+def segment_tensor_name(name: str, segment: str) -> str:
+    """The primary segment keeps the tensor's own name; others get ``name::segment``."""
+    return name if segment == PRIMARY_SEGMENT else f"{name}{SEGMENT_SEPARATOR}{segment}"
+
+
+def crc32(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def producer_info() -> dict[str, str]:
+    from nwcfmt import __version__
+
+    return {"name": "nwcfmt", "version": __version__}
+
+
+class NwcWriter:
+    """Writes an NWC file. Use as a context manager; the file appears at ``path`` only on success.
+
+    >>> with NwcWriter("model.safetensors") as w:
+    ...     w.write("layer.weight", tensor, codec="lossless")
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        alignment: int = ALIGNMENT,
+        metadata: Mapping[str, str] | None = None,
+        shard: tuple[int, int] = (1, 1),
+    ) -> None:
+        self.path = Path(path)
+        self._stream = StreamingWriter(self.path, alignment=alignment)
+        self.manifest = Manifest(producer=producer_info(), alignment=alignment, shard=shard)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.metadata.pop(MANIFEST_KEY, None)
+
+    @property
+    def bytes_written(self) -> int:
+        return self._stream.offset
+
+    def write(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        codec: str | Codec = "raw",
+        ctx: EncodeContext | None = None,
+        raw_if_larger: bool = True,
+        **config: Any,
+    ) -> TensorRecord:
+        """Encode ``tensor`` with ``codec`` (an id plus config, or an instance) and append it.
+
+        With ``raw_if_larger``, a bit-exact codec whose output is not smaller than the tensor is replaced by
+        ``raw`` (same decoded bits, fewer bytes).
+        """
+        if SEGMENT_SEPARATOR in name or name.startswith("__"):
+            raise EncodeError(f"tensor name {name!r} is reserved")
+        if isinstance(codec, str):
+            codec = get_codec(codec)(**config)
+        tensor = tensor.detach().cpu()
+        encoded = codec.encode(tensor, ctx or EncodeContext(name=name))
+        if raw_if_larger and codec.exact and codec.codec_id != "raw":
+            stored = sum(seg.numel() * seg.element_size() for seg in encoded.segments.values())
+            if stored >= tensor.numel() * tensor.element_size():
+                codec = get_codec("raw")()
+                encoded = codec.encode(tensor)
+        segments = {}
+        for seg_name, seg in encoded.segments.items():
+            st_name = segment_tensor_name(name, seg_name)
+            self._stream.add(st_name, seg)
+            segments[seg_name] = SegmentRef(st_name, crc32(tensor_bytes(seg)))
+        record = TensorRecord(
+            name=name,
+            codec=codec.codec_id,
+            codec_version=codec.version,
+            dtype=dtype_name(tensor.dtype),
+            shape=tuple(tensor.shape),
+            params=encoded.params,
+            segments=segments,
+        )
+        self.manifest.tensors.append(record)
+        return record
+
+    def close(self) -> Path:
+        """Finish the file: write header and manifest, rename into place."""
+        return self._stream.finish({**self.metadata, MANIFEST_KEY: self.manifest.to_json()})
+
+    def abort(self) -> None:
+        self._stream.abort()
+
+    def __enter__(self) -> NwcWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
