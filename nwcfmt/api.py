@@ -80,5 +80,3 @@ def save(
     with NwcWriter(path, metadata=metadata) as writer:
         for name, tensor in tensors.items():
             writer.write(name, tensor, chosen if chosen.supports(tensor) else "raw")
-
-

@@ -69,8 +69,16 @@ def _zstd_params() -> zstandard.ZstdCompressionParameters:
     # A 128 KiB window keeps one Huffman table per 128 KiB block; a tiny hash table and min_match=7 keep
     # zstd from spending bits on short LZ matches that these planes do not have.
     return zstandard.ZstdCompressionParameters(
-        window_log=17, chain_log=6, hash_log=6, search_log=1, min_match=7, target_length=0,
-        strategy=zstandard.STRATEGY_FAST, write_content_size=True, write_checksum=False, write_dict_id=False,
+        window_log=17,
+        chain_log=6,
+        hash_log=6,
+        search_log=1,
+        min_match=7,
+        target_length=0,
+        strategy=zstandard.STRATEGY_FAST,
+        write_content_size=True,
+        write_checksum=False,
+        write_dict_id=False,
     )
 
 
@@ -230,7 +238,10 @@ class LosslessCodec(Codec):
         index = np.array([row for row, _ in results], dtype="<u4").reshape(len(bounds), 2 + lay.tail_planes)
         data = np.frombuffer(b"".join(blob for _, blob in results), dtype=np.uint8)
         return EncodedTensor(
-            {PRIMARY_SEGMENT: torch.from_numpy(data.copy()), INDEX_SEGMENT: torch.from_numpy(index.view(np.uint8).reshape(-1).copy())},
+            {
+                PRIMARY_SEGMENT: torch.from_numpy(data.copy()),
+                INDEX_SEGMENT: torch.from_numpy(index.view(np.uint8).reshape(-1).copy()),
+            },
             self.get_config(),
         )
 
@@ -238,8 +249,10 @@ class LosslessCodec(Codec):
     def _chunk_elems(cls, record: TensorRecord) -> int:
         chunk = record.params.get("chunk_elems")
         if not isinstance(chunk, int) or isinstance(chunk, bool) or not MIN_CHUNK_ELEMS <= chunk <= MAX_CHUNK_ELEMENTS:
-            raise FormatError(f"tensor {record.name!r}: lossless chunk_elems must be an integer in "
-                              f"[{MIN_CHUNK_ELEMS}, {MAX_CHUNK_ELEMENTS}]")
+            raise FormatError(
+                f"tensor {record.name!r}: lossless chunk_elems must be an integer in "
+                f"[{MIN_CHUNK_ELEMS}, {MAX_CHUNK_ELEMENTS}]"
+            )
         return chunk
 
     @classmethod
@@ -255,8 +268,10 @@ class LosslessCodec(Codec):
         n_chunks = math.ceil(record.numel / chunk)
         expected = n_chunks * (2 + lay.tail_planes) * 4
         if segments[INDEX_SEGMENT].nbytes != expected:
-            raise FormatError(f"tensor {record.name!r}: index has {segments[INDEX_SEGMENT].nbytes} bytes, "
-                              f"expected {expected} for {n_chunks} chunks")
+            raise FormatError(
+                f"tensor {record.name!r}: index has {segments[INDEX_SEGMENT].nbytes} bytes, "
+                f"expected {expected} for {n_chunks} chunks"
+            )
 
     @classmethod
     def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -115,7 +115,7 @@ def _check_params(value: Any, source: str, where: str, depth: int = 0) -> None:
     if depth > 3:
         raise _fail(source, f"{where}params nest too deeply")
     if isinstance(value, dict):
-        for k, v in value.items():
+        for _k, v in value.items():
             _check_params(v, source, where, depth + 1)
     elif isinstance(value, list):
         for v in value:

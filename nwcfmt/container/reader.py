@@ -74,11 +74,14 @@ class NwcReader:
             infos = self._segment_infos(record)
             for info in infos.values():
                 if info.name in used:
-                    raise FormatError(f"{self.path}: tensor {info.name!r} is claimed by {used[info.name]!r} "
-                                      f"and {record.name!r}")
+                    raise FormatError(
+                        f"{self.path}: tensor {info.name!r} is claimed by {used[info.name]!r} and {record.name!r}"
+                    )
                 used[info.name] = record.name
                 if (info.start % self.manifest.alignment) and info.nbytes:
-                    raise FormatError(f"{self.path}: segment {info.name!r} is not {self.manifest.alignment}-byte aligned")
+                    raise FormatError(
+                        f"{self.path}: segment {info.name!r} is not {self.manifest.alignment}-byte aligned"
+                    )
             codec.validate(record, infos)
         for info in self.header.tensors.values():
             if info.name in used:
