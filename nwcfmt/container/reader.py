@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Iterator
@@ -145,10 +146,8 @@ class NwcReader:
 
     def close(self) -> None:
         if self._map is not None:
-            try:
+            with contextlib.suppress(BufferError):  # a caller still holds a view; the map goes with it
                 self._map.close()
-            except BufferError:  # a caller still holds a view; the map is freed with it
-                pass
             self._map = None
         self._file.close()
 
