@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec, EncodeContext
+from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec, EncodeContext, EncodedTensor
 from nwcfmt.codecs.registry import get_codec
 from nwcfmt.constants import ALIGNMENT, MANIFEST_KEY, SEGMENT_SEPARATOR, dtype_name
 from nwcfmt.container.manifest import Manifest, SegmentRef, TensorRecord
@@ -25,6 +25,40 @@ def segment_tensor_name(name: str, segment: str) -> str:
 
 def crc32(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def check_name(name: str) -> None:
+    if not name or SEGMENT_SEPARATOR in name or name.startswith("__"):
+        raise EncodeError(f"tensor name {name!r} is reserved or empty")
+
+
+def encoded_nbytes(encoded: EncodedTensor) -> int:
+    return sum(seg.numel() * seg.element_size() for seg in encoded.segments.values())
+
+
+def encode_tensor(
+    name: str,
+    tensor: torch.Tensor,
+    codec: str | Codec = "raw",
+    ctx: EncodeContext | None = None,
+    raw_if_larger: bool = True,
+    **config: Any,
+) -> tuple[Codec, EncodedTensor]:
+    """Encode one tensor; returns the codec that was used and its output.
+
+    With ``raw_if_larger``, a bit-exact codec whose output is not smaller than the tensor is replaced by
+    ``raw`` (same decoded bits, fewer bytes).
+    """
+    check_name(name)
+    if isinstance(codec, str):
+        codec = get_codec(codec)(**config)
+    tensor = tensor.detach().cpu()
+    encoded = codec.encode(tensor, ctx or EncodeContext(name=name))
+    exact_alternative = raw_if_larger and codec.exact and codec.codec_id != "raw"
+    if exact_alternative and encoded_nbytes(encoded) >= tensor.numel() * tensor.element_size():
+        codec = get_codec("raw")()
+        encoded = codec.encode(tensor)
+    return codec, encoded
 
 
 def producer_info() -> dict[str, str]:
@@ -67,22 +101,13 @@ class NwcWriter:
         raw_if_larger: bool = True,
         **config: Any,
     ) -> TensorRecord:
-        """Encode ``tensor`` with ``codec`` (an id plus config, or an instance) and append it.
+        """Encode ``tensor`` with ``codec`` (an id plus config, or an instance) and append it."""
+        codec, encoded = encode_tensor(name, tensor, codec, ctx, raw_if_larger, **config)
+        return self.append(name, tensor, codec, encoded)
 
-        With ``raw_if_larger``, a bit-exact codec whose output is not smaller than the tensor is replaced by
-        ``raw`` (same decoded bits, fewer bytes).
-        """
-        if SEGMENT_SEPARATOR in name or name.startswith("__"):
-            raise EncodeError(f"tensor name {name!r} is reserved")
-        if isinstance(codec, str):
-            codec = get_codec(codec)(**config)
-        tensor = tensor.detach().cpu()
-        encoded = codec.encode(tensor, ctx or EncodeContext(name=name))
-        if raw_if_larger and codec.exact and codec.codec_id != "raw":
-            stored = sum(seg.numel() * seg.element_size() for seg in encoded.segments.values())
-            if stored >= tensor.numel() * tensor.element_size():
-                codec = get_codec("raw")()
-                encoded = codec.encode(tensor)
+    def append(self, name: str, tensor: torch.Tensor, codec: Codec, encoded: EncodedTensor) -> TensorRecord:
+        """Append an already encoded tensor (see :func:`encode_tensor`)."""
+        check_name(name)
         segments = {}
         for seg_name, seg in encoded.segments.items():
             st_name = segment_tensor_name(name, seg_name)
