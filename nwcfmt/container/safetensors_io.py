@@ -208,8 +208,13 @@ class StreamingWriter:
         raw += b" " * ((-(8 + len(raw))) % align)
         return struct.pack("<Q", len(raw)) + raw
 
-    def finish(self, metadata: Mapping[str, str] | None = None) -> Path:
-        """Write the header, then the data, to a temp file and atomically rename it to the target."""
+    def finish(self, metadata: Mapping[str, str] | None = None, path: str | os.PathLike | None = None) -> Path:
+        """Write the header, then the data, to a temp file and atomically rename it to the target.
+
+        ``path`` overrides the target given at construction (same folder or another on the same disk).
+        """
+        if path is not None:
+            self.path = Path(path)
         header = self._header_bytes(metadata)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:

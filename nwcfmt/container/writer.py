@@ -125,9 +125,9 @@ class NwcWriter:
         self.manifest.tensors.append(record)
         return record
 
-    def close(self) -> Path:
-        """Finish the file: write header and manifest, rename into place."""
-        return self._stream.finish({**self.metadata, MANIFEST_KEY: self.manifest.to_json()})
+    def close(self, path: str | os.PathLike | None = None) -> Path:
+        """Finish the file: write header and manifest, rename into place (at ``path`` if given)."""
+        return self._stream.finish({**self.metadata, MANIFEST_KEY: self.manifest.to_json()}, path)
 
     def abort(self) -> None:
         self._stream.abort()

@@ -1,0 +1,1 @@
+"""The ``nwc`` command-line tool."""

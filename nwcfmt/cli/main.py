@@ -1,0 +1,216 @@
+"""``nwc``: encode, decode, inspect and verify NWC checkpoints.
+
+Every failure on bad input prints one line (``nwc: error: ...``) and exits non-zero; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from nwcfmt import __version__
+from nwcfmt.codecs.registry import available_codecs
+from nwcfmt.errors import NwcError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5e9 bytes, ``"2GiB"`` -> 2 * 2**30, ``"1000"`` -> 1000."""
+    m = _SIZE.match(text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 500MB, 5GB or 2GiB")
+    number, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
+    base = 1024 if binary else 1000
+    return int(number * base ** " KMGT".index(unit or " "))
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> None:
+    click.echo(f"nwc: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn library and OS errors into one-line messages with a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NwcError as exc:
+            fail(str(exc))
+        except OSError as exc:
+            fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}")
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
+
+    return wrapper
+
+
+@contextmanager
+def progress_bar(total: int, desc: str, quiet: bool) -> Iterator[Callable[[str, int], None]]:
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=quiet, file=sys.stderr, leave=False) as bar:
+
+        def update(name: str, nbytes: int) -> None:
+            bar.set_postfix_str(name[-40:], refresh=False)
+            bar.update(nbytes)
+
+        yield update
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nwc")
+def cli() -> None:
+    """nwc: compressed checkpoints for LLM weights (NWC format, safetensors-compatible)."""
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Output folder or file.")
+@click.option("--codec", type=click.Choice(available_codecs()), default=None, help="Default codec [lossless].")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Store tensors matching GLOB raw (repeatable).")
+@click.option("--policy", "policy_file", type=click.Path(path_type=Path), help="JSON policy file (see docs).")
+@click.option("--chunk-elems", type=int, default=None, help="lossless: values per independent chunk.")
+@click.option("--max-shard-size", default=None, help="Split output into shards of at most this size (e.g. 5GB).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@handle_errors
+def encode(src, dst, codec, exclude, policy_file, chunk_elems, max_shard_size, overwrite, quiet) -> None:
+    """Encode a Hugging Face model folder (or a .safetensors / .bin file) into NWC."""
+    from nwcfmt.convert import encode_model
+    from nwcfmt.policy import Policy
+    from nwcfmt.sources import WeightSource
+
+    params = {"chunk_elems": chunk_elems} if chunk_elems else None
+    overrides = {"codec": codec, "params": params}
+    policy = (
+        Policy.from_file(policy_file, **overrides)
+        if policy_file
+        else Policy.from_dict({k: v for k, v in overrides.items() if v is not None})
+    )
+    policy.exclude = [*policy.exclude, *exclude]
+    shard_bytes = parse_size(max_shard_size) if max_shard_size else None
+    total = WeightSource.open(src).total_bytes
+    with progress_bar(total, "encode", quiet) as update:
+        report = encode_model(src, dst, policy, max_shard_size=shard_bytes, overwrite=overwrite, progress=update)
+    if not quiet:
+        codecs = ", ".join(f"{k}: {v}" for k, v in sorted(report.codecs.items()))
+        click.echo(
+            f"encoded {report.tensors} tensors ({codecs}) {human(report.original_bytes)} -> "
+            f"{human(report.stored_bytes)} ({report.ratio:.4f}x) in {report.seconds:.1f} s -> {dst}"
+        )
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Output folder or file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@handle_errors
+def decode(src, dst, overwrite, quiet) -> None:
+    """Decode an NWC folder or file into plain safetensors (raw/lossless tensors come back bit for bit)."""
+    from nwcfmt.convert import decode_model
+    from nwcfmt.summary import summarize
+
+    total = summarize(src).original_bytes
+    with progress_bar(total, "decode", quiet) as update:
+        report = decode_model(src, dst, overwrite=overwrite, progress=update)
+    if not quiet:
+        click.echo(
+            f"decoded {report.tensors} tensors -> {human(report.original_bytes)} in {report.seconds:.1f} s -> {dst}"
+        )
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def info(path, as_json) -> None:
+    """Per-tensor table: codec, shape, original and stored bytes, effective bits per weight."""
+    from nwcfmt.summary import summarize
+
+    summary = summarize(path)
+    doc = summary.to_json()
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    rows = [
+        (
+            t.name,
+            t.codec,
+            t.dtype,
+            "x".join(map(str, t.shape)) or "scalar",
+            human(t.original_bytes),
+            human(t.stored_bytes),
+            f"{t.bits_per_weight:.3f}",
+        )
+        for t in summary.tensors
+    ]
+    head = ("tensor", "codec", "dtype", "shape", "original", "stored", "bits/w")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    numeric = {4, 5, 6}
+    for row in [head, *rows]:
+        click.echo(
+            "  ".join(
+                str(c).rjust(w) if i in numeric else str(c).ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    totals = doc["totals"]
+    by_codec: dict[str, int] = {}
+    for t in summary.tensors:
+        by_codec[t.codec] = by_codec.get(t.codec, 0) + 1
+    click.echo(
+        f"\n{totals['tensors']} tensors ({', '.join(f'{k}: {v}' for k, v in sorted(by_codec.items()))}), "
+        f"{totals['numel']:,} weights: {human(totals['original_bytes'])} -> {human(totals['stored_bytes'])} "
+        f"({totals['ratio']:.4f}x), {totals['bits_per_weight']:.3f} bits/weight; "
+        f"files {human(totals['file_bytes'])} ({totals['file_bits_per_weight']:.3f} bits/weight with headers)"
+    )
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("-q", "--quiet", is_flag=True, help="Print only failures.")
+@handle_errors
+def verify(path, quiet) -> None:
+    """Check every checksum and decode every tensor; exit 1 naming the first bad tensor."""
+    from nwcfmt.summary import summarize, verify
+
+    summary = summarize(path) if not quiet else None
+    total = summary.original_bytes if summary else 0
+    with progress_bar(total, "verify", quiet) as update:
+        failures = verify(path, progress=update)
+    if failures:
+        first = failures[0]
+        for f in failures[1:]:
+            click.echo(f"nwc: also bad: {f.tensor or f.file}: {f.error}", err=True)
+        fail(f"{len(failures)} bad tensor(s); first: {first.tensor or first.file}: {first.error}")
+    if not quiet:
+        click.echo(f"ok: {len(summary.tensors)} tensors verified in {path}")
+
+
+def main() -> None:
+    cli(prog_name="nwc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Per-tensor codec policy: which codec (and config) encodes which tensor.
+
+Resolution order for a tensor named ``name``:
+
+1. ``exclude`` globs -> ``raw``;
+2. the first matching rule of the policy (``{"match": GLOB, "codec": ID, "params": {...}}``);
+3. tensors the default codec cannot hold (integer dtypes, for instance) -> ``raw``;
+4. tensors with fewer than ``min_ndim`` dimensions (norms, biases) and names matching ``keep_raw`` -> ``raw``;
+5. the default codec with its params.
+
+A policy file is JSON with the keys ``codec``, ``params``, ``rules``, ``exclude``, ``keep_raw`` and ``min_ndim``
+(all optional)::
+
+    {"codec": "lossless", "rules": [{"match": "*.embed_tokens.weight", "codec": "raw"}], "exclude": ["lm_head.*"]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nwcfmt.codecs.base import Codec
+from nwcfmt.codecs.registry import get_codec
+from nwcfmt.errors import InputError
+
+DEFAULT_KEEP_RAW = ("*norm*", "*.bias")
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: str
+    codec: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Policy:
+    codec: str = "lossless"
+    params: dict[str, Any] = field(default_factory=dict)
+    rules: list[Rule] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    keep_raw: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_RAW))
+    min_ndim: int = 2
+    _codecs: dict[tuple[str, str], Codec] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for codec_id, params in [(self.codec, self.params)] + [(r.codec, r.params) for r in self.rules]:
+            self._instance(codec_id, params)  # fail early on unknown codecs or bad params
+
+    def _instance(self, codec_id: str, params: dict[str, Any]) -> Codec:
+        key = (codec_id, json.dumps(params, sort_keys=True))
+        if key not in self._codecs:
+            try:
+                self._codecs[key] = get_codec(codec_id).from_config(params)
+            except TypeError as exc:
+                raise InputError(f"codec {codec_id!r}: invalid params {params} ({exc})") from None
+        return self._codecs[key]
+
+    def choose(self, name: str, tensor: torch.Tensor) -> Codec:
+        """The codec instance that encodes ``tensor``."""
+        if any(fnmatchcase(name, g) for g in self.exclude):
+            return self._instance("raw", {})
+        for rule in self.rules:
+            if fnmatchcase(name, rule.match):
+                return self._instance(rule.codec, rule.params)
+        default = self._instance(self.codec, self.params)
+        if not default.supports(tensor):
+            return self._instance("raw", {})
+        if tensor.dim() < self.min_ndim or any(fnmatchcase(name, g) for g in self.keep_raw):
+            return self._instance("raw", {})
+        return default
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> Policy:
+        """Load a JSON policy file; keyword arguments override its top-level keys when not None."""
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read policy file ({exc})") from None
+        return cls.from_dict(doc, source=str(path), **overrides)
+
+    @classmethod
+    def from_dict(cls, doc: Any, source: str = "policy", **overrides: Any) -> Policy:
+        if not isinstance(doc, dict):
+            raise InputError(f"{source}: a policy must be a JSON object")
+        unknown = set(doc) - {"codec", "params", "rules", "exclude", "keep_raw", "min_ndim"}
+        if unknown:
+            raise InputError(f"{source}: unknown policy key(s) {', '.join(sorted(unknown))}")
+        try:
+            rules = [Rule(r["match"], r["codec"], dict(r.get("params", {}))) for r in doc.get("rules", [])]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{source}: each rule needs 'match' and 'codec' (and optional 'params')") from None
+        kwargs: dict[str, Any] = {"rules": rules}
+        for key in ("codec", "params", "exclude", "keep_raw", "min_ndim"):
+            if key in doc:
+                kwargs[key] = doc[key]
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kwargs)

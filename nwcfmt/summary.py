@@ -1,0 +1,115 @@
+"""What ``nwc info`` and ``nwc verify`` report: per-tensor storage statistics and integrity checks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nwcfmt.container.reader import NwcReader
+from nwcfmt.errors import NwcError
+from nwcfmt.sources import find_weight_files
+
+
+@dataclass(frozen=True)
+class TensorStat:
+    name: str
+    file: str
+    codec: str
+    dtype: str
+    shape: tuple[int, ...]
+    numel: int
+    original_bytes: int
+    stored_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes / self.numel if self.numel else 0.0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "shape": list(self.shape), "bits_per_weight": round(self.bits_per_weight, 4)}
+
+
+@dataclass(frozen=True)
+class Summary:
+    tensors: list[TensorStat]
+    file_bytes: int  # everything on disk: headers, manifests, padding included
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def original_bytes(self) -> int:
+        return sum(t.original_bytes for t in self.tensors)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.stored_bytes for t in self.tensors)
+
+    def to_json(self) -> dict:
+        numel = self.numel or 1
+        return {
+            "tensors": [t.to_json() for t in self.tensors],
+            "totals": {
+                "tensors": len(self.tensors),
+                "numel": self.numel,
+                "original_bytes": self.original_bytes,
+                "stored_bytes": self.stored_bytes,
+                "file_bytes": self.file_bytes,
+                "ratio": round(self.stored_bytes / max(self.original_bytes, 1), 6),
+                "bits_per_weight": round(8 * self.stored_bytes / numel, 4),
+                "file_bits_per_weight": round(8 * self.file_bytes / numel, 4),
+            },
+        }
+
+
+def summarize(path: str | os.PathLike) -> Summary:
+    """Per-tensor statistics of an NWC (or plain safetensors) file or folder; reads headers only."""
+    stats, file_bytes = [], 0
+    for file in find_weight_files(Path(path)):
+        with NwcReader(file, allow_plain=True) as reader:
+            file_bytes += reader.header.file_size
+            for name in reader.names:
+                record = reader.record(name)
+                stats.append(
+                    TensorStat(
+                        name,
+                        file.name,
+                        record.codec,
+                        record.dtype,
+                        record.shape,
+                        record.numel,
+                        record.nbytes,
+                        reader.stored_bytes(name),
+                    )
+                )
+    return Summary(stats, file_bytes)
+
+
+@dataclass(frozen=True)
+class Failure:
+    file: str
+    tensor: str | None
+    error: str
+
+
+def verify(path: str | os.PathLike, progress: Callable[[str, int], None] | None = None) -> list[Failure]:
+    """Check every checksum and decode every tensor; returns the failures in file order (empty: all good)."""
+    failures: list[Failure] = []
+    for file in find_weight_files(Path(path)):
+        try:
+            reader = NwcReader(file)
+        except NwcError as exc:
+            failures.append(Failure(str(file), None, str(exc)))
+            continue
+        with reader:
+            for name in reader.names:
+                try:
+                    reader.decode(name, verify=True)
+                except NwcError as exc:
+                    failures.append(Failure(str(file), name, str(exc)))
+                if progress:
+                    progress(name, reader.record(name).nbytes)
+    return failures
