@@ -1,0 +1,178 @@
+"""Container and codec round trips through the small API (save / load / open)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import nwcfmt
+from nwcfmt.codecs.base import Codec, EncodedTensor
+from nwcfmt.container.manifest import Manifest
+from nwcfmt.errors import EncodeError, UnknownCodecError
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def special_values(dtype: torch.dtype) -> torch.Tensor:
+    finfo = torch.finfo(dtype)
+    vals = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), finfo.tiny, finfo.tiny / 4, finfo.max, -finfo.max]
+    return torch.tensor(vals, dtype=torch.float32).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dist", ["gauss", "laplace", "special", "wide"])
+def test_lossless_is_bit_exact(tmp_path, dtype, dist):
+    g = torch.Generator().manual_seed(1)
+    if dist == "gauss":
+        t = torch.randn(300, 257, generator=g) * 0.02
+    elif dist == "laplace":
+        t = torch.distributions.Laplace(0.0, 0.01).sample((70_001,))
+    elif dist == "special":
+        t = torch.cat([special_values(dtype).float(), torch.randn(5000, generator=g)])
+    else:  # every exponent: forces the codec's fallback to fewer mantissa bits in the symbol
+        t = torch.randn(40_000, generator=g) * torch.exp2(torch.randint(-60, 60, (40_000,), generator=g).float())
+    t = t.to(dtype)
+    if dist == "special":  # a NaN with a payload, as bits
+        raw = t.view(torch.int16 if dtype != torch.float32 else torch.int32)
+        raw[0] = 0x7FC1 if dtype != torch.float32 else 0x7FC00123
+    path = tmp_path / "t.safetensors"
+    with nwcfmt.NwcWriter(path) as w:
+        w.write("t", t, "lossless", chunk_elems=4096, raw_if_larger=False)
+    with nwcfmt.open(path) as r:
+        assert r.record("t").codec == "lossless"
+        back = r.decode("t")
+    assert back.dtype == dtype and back.shape == t.shape
+    assert bits(back) == bits(t)
+
+
+def test_save_load_all_dtypes_and_shapes(tmp_path):
+    tensors = {
+        "w": torch.randn(64, 96).to(torch.bfloat16),
+        "h": torch.randn(3, 5, 7).half(),
+        "f": torch.randn(10),
+        "i": torch.arange(-5, 5, dtype=torch.int64),
+        "b": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "u8": torch.arange(7, dtype=torch.uint8),
+    }
+    path = tmp_path / "m.safetensors"
+    nwcfmt.save(tensors, path, metadata={"note": "hello"})
+    back = nwcfmt.load(path)
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
+        assert bits(back[name]) == bits(t), name
+    with nwcfmt.open(path) as r:
+        assert r.metadata == {"format": "pt", "note": "hello"}
+
+
+def test_file_is_valid_safetensors_with_aligned_payloads(tmp_path):
+    path = tmp_path / "m.safetensors"
+    nwcfmt.save({"a": torch.randn(100, 33).bfloat16(), "b": torch.randn(7), "c": torch.randn(50, 50)}, path)
+    with safe_open(path, "pt") as f:  # the reference implementation accepts the file
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert "a" in keys and "a::index" in keys
+    manifest = Manifest.from_json(meta["nwc"])
+    assert manifest.format_version == (1, 0) and manifest.alignment == 64
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    assert (8 + n) % 64 == 0
+    for record in manifest.tensors:
+        for ref in record.segments.values():
+            start = header[ref.tensor]["data_offsets"][0]
+            assert (8 + n + start) % 64 == 0
+
+
+def test_payloads_follow_write_order(tmp_path):
+    path = tmp_path / "m.safetensors"
+    names = [f"layers.{i}.w" for i in range(5)]
+    with nwcfmt.NwcWriter(path) as w:
+        for name in names:
+            w.write(name, torch.randn(40, 40).bfloat16(), "lossless")
+    with nwcfmt.open(path) as r:
+        starts = [r.header.tensors[r.record(n).segments["data"].tensor].start for n in names]
+        assert r.names == names
+    assert starts == sorted(starts)
+
+
+def test_tiny_tensors_fall_back_to_raw(tmp_path):
+    path = tmp_path / "m.safetensors"
+    nwcfmt.save({"bias": torch.randn(5).bfloat16()}, path, codec="lossless")
+    with nwcfmt.open(path) as r:
+        assert r.record("bias").codec == "raw"
+
+
+def test_lossless_compresses_continuous_bf16(tmp_path):
+    t = (torch.randn(512, 512) * 0.02).bfloat16()
+    path = tmp_path / "m.safetensors"
+    nwcfmt.save({"w": t}, path)
+    with nwcfmt.open(path) as r:
+        ratio = r.stored_bytes("w") / (t.numel() * 2)
+    assert ratio < 0.70  # Gaussian bf16: ~10.6 of 16 bits carry information
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(RuntimeError), nwcfmt.NwcWriter(path) as w:
+        w.write("a", torch.randn(10, 10))
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_codec_and_bad_names(tmp_path):
+    with nwcfmt.NwcWriter(tmp_path / "m.safetensors") as w:
+        with pytest.raises(UnknownCodecError):
+            w.write("a", torch.randn(3), "no-such-codec")
+        with pytest.raises(EncodeError):
+            w.write("a::index", torch.randn(3))
+        with pytest.raises(EncodeError):
+            w.write("b", torch.arange(3), "lossless", raw_if_larger=False)
+
+
+def test_registry_accepts_new_codecs(tmp_path):
+    class NegateCodec(Codec):  # a toy codec, registered the way third-party codecs would be
+        codec_id = "test-negate"
+
+        def encode(self, tensor, ctx=None):
+            return EncodedTensor({"data": -tensor}, {"sign": -1})
+
+        @classmethod
+        def decode(cls, record, segments, device):
+            return (segments["data"] * record.params["sign"]).to(device)
+
+    nwcfmt.register_codec(NegateCodec)
+    assert "test-negate" in nwcfmt.available_codecs()
+    t = torch.randn(4, 4)
+    with nwcfmt.NwcWriter(tmp_path / "m.safetensors") as w:
+        w.write("t", t, "test-negate")
+    assert torch.equal(nwcfmt.load(tmp_path / "m.safetensors")["t"], t)
+
+
+def test_decode_to_dtype(tmp_path):
+    t = torch.randn(32, 32).bfloat16()
+    nwcfmt.save({"t": t}, tmp_path / "m.safetensors")
+    out = nwcfmt.load(tmp_path / "m.safetensors", dtype=torch.float32)["t"]
+    assert out.dtype == torch.float32 and torch.equal(out, t.float())
+
+
+def test_lossless_threads_do_not_change_output(tmp_path, monkeypatch):
+    t = torch.randn(300_000).bfloat16()
+    outs = []
+    for threads in ("1", "2"):
+        monkeypatch.setenv("NWC_THREADS", threads)
+        path = tmp_path / f"m{threads}.safetensors"
+        nwcfmt.save({"t": t}, path)
+        outs.append(path.read_bytes())
+    assert outs[0] == outs[1]
+    assert np.array_equal(nwcfmt.load(tmp_path / "m1.safetensors")["t"].view(torch.int16).numpy(),
+                          t.view(torch.int16).numpy())
