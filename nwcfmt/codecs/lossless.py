@@ -2,8 +2,8 @@
 
 Each chunk of ``chunk_elems`` values is split into
 
-* a *symbol plane*: the exponent plus the top ``k`` mantissa bits of every value, ranked into a per-chunk
-  table of at most 256 distinct prefixes so that each symbol is one byte. This is where weights carry
+* a *symbol plane*: the exponent plus the top ``k`` mantissa bits of every value, mapped through a per-chunk
+  table of at most 256 prefixes so that each symbol is one byte. This is where weights carry
   little information (exponents cluster; the top mantissa bits are skewed within each binade);
 * *tail planes*: the remaining mantissa bits with the sign on top, little-endian bytes.
 
@@ -127,11 +127,19 @@ def _pack_stream(plane: np.ndarray) -> tuple[bytes, bool]:
 
 
 def _choose_symbols(u: np.ndarray, lay: FloatLayout) -> tuple[int, np.ndarray, np.ndarray]:
-    """Largest allowed k whose prefixes fit the 256-entry table; returns (k, table, symbols)."""
+    """Largest allowed k whose prefixes fit the 256-entry table; returns (k, table, symbols).
+
+    When the prefixes present span fewer than 256 values, the table is that whole consecutive range
+    (``symbol = prefix - first``): same entropy, and the decoder replaces a table gather by an addition.
+    """
     for k in lay.symbol_ks:
         width = lay.exponent_bits + k
         prefix = (u >> (lay.mantissa_bits - k)) & ((1 << width) - 1)
         present = np.flatnonzero(np.bincount(prefix, minlength=1 << width))
+        first, last = int(present[0]), int(present[-1])
+        if last - first < TABLE_SLOTS:
+            table = np.arange(first, last + 1, dtype="<u2")
+            return k, table, (prefix - first).astype(np.uint8)
         if len(present) <= TABLE_SLOTS:
             lut = np.zeros(1 << width, dtype=np.uint8)
             lut[present] = np.arange(len(present), dtype=np.uint8)
@@ -182,21 +190,40 @@ def _decode_chunk(out: np.ndarray, data: memoryview, row: np.ndarray, lay: Float
     k, n_sym, raw_mask = info & 0xFF, ((info >> 8) & 0xFF) + 1, info >> 16
     if k not in lay.symbol_ks or raw_mask >> (1 + lay.tail_planes) or n_sym > n:
         raise FormatError(f"{where}: invalid chunk header {info:#010x}")
-    table = np.zeros(TABLE_SLOTS, dtype=lay.word)
-    table[:n_sym] = np.frombuffer(data[: 2 * n_sym], dtype="<u2")
+    table = np.frombuffer(data[: 2 * n_sym], dtype="<u2")
     t = lay.mantissa_bits - k
-    table <<= t
     pos = 2 * n_sym
     planes = []
     for i, length in enumerate(row[1:]):
         planes.append(_unpack_stream(data[pos : pos + int(length)], bool(raw_mask >> i & 1), n, where))
         pos += int(length)
-    np.take(table, planes[0], out=out)  # symbols are bytes: the 256-slot table cannot be overrun
-    tail = planes[1].astype(lay.word)
-    for i, plane in enumerate(planes[2:], start=1):
-        tail |= plane.astype(lay.word) << (8 * i)
-    out |= tail & ((1 << t) - 1)
-    out |= (tail >> t) << (lay.word_bits - 1)
+    symbols = planes[0]
+    if n and int(symbols.max()) >= n_sym:
+        raise FormatError(f"{where}: symbol outside the {n_sym}-entry table")
+    first = int(table[0])
+    if int(table[-1]) - first == n_sym - 1 and (n_sym < 3 or bool(np.all(np.diff(table) == 1))):
+        np.copyto(out, symbols)  # consecutive prefixes: value = symbol + first
+        out += lay.word(first)
+    else:
+        np.take(table.astype(lay.word), symbols, out=out)
+    out <<= lay.word(t)
+    _merge_tail(out, planes[1:], t, lay)
+
+
+def _merge_tail(out: np.ndarray, planes: list[np.ndarray], t: int, lay: FloatLayout) -> None:
+    """OR the low mantissa bits and the sign (bit t of the tail word) into ``out``."""
+    if len(planes) == 1:  # the tail fits one byte: stay in uint8 as long as possible
+        plane = planes[0]
+        np.bitwise_or(out, plane & np.uint8((1 << t) - 1), out=out)
+        sign = (plane >> np.uint8(t)).astype(lay.word)
+    else:
+        tail = planes[0].astype(lay.word)
+        for i, plane in enumerate(planes[1:], start=1):
+            tail |= plane.astype(lay.word) << lay.word(8 * i)
+        np.bitwise_or(out, tail & lay.word((1 << t) - 1), out=out)
+        sign = tail >> lay.word(t)
+    sign <<= lay.word(lay.word_bits - 1)
+    np.bitwise_or(out, sign, out=out)
 
 
 def _chunk_bounds(numel: int, chunk: int) -> list[tuple[int, int]]:
