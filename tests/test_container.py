@@ -176,3 +176,25 @@ def test_lossless_threads_do_not_change_output(tmp_path, monkeypatch):
     assert outs[0] == outs[1]
     assert np.array_equal(nwcfmt.load(tmp_path / "m1.safetensors")["t"].view(torch.int16).numpy(),
                           t.view(torch.int16).numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lossless_profiles(tmp_path, dtype):
+    """Both encoder profiles write the same format; 'fast' leaves the bf16 sign+mantissa byte raw."""
+    t = (torch.randn(600, 500, generator=torch.Generator().manual_seed(3)) * 0.02).to(dtype)
+    sizes = {}
+    for profile in ("compact", "fast"):
+        path = tmp_path / f"{profile}.safetensors"
+        with nwcfmt.NwcWriter(path) as w:
+            w.write("t", t, "lossless", profile=profile)
+        with nwcfmt.open(path) as r:
+            assert bits(r.decode("t")) == bits(t)
+            sizes[profile] = r.stored_bytes("t")
+            index = r.segments("t")["index"].numpy().view("<u4").reshape(-1, 2 + (3 if dtype == torch.float32 else 1))
+        ks = set((index[:, 0] & 0xFF).tolist())
+        if profile == "fast" and dtype != torch.float16:
+            assert ks == {0} and set((index[:, 0] >> 17 & 1).tolist()) == {1}  # tail plane 0 stored raw
+    if dtype == torch.float16:
+        assert sizes["compact"] == sizes["fast"]  # fp16's only layout already has a raw-width tail
+    else:
+        assert sizes["compact"] < sizes["fast"]

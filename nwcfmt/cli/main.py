@@ -34,6 +34,20 @@ def parse_size(text: str) -> int:
     return int(number * base ** " KMGT".index(unit or " "))
 
 
+def parse_params(items: tuple[str, ...]) -> dict:
+    """``("bits=4", "profile=fast")`` -> ``{"bits": 4, "profile": "fast"}`` (values parsed as JSON when they can be)."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
 def fail(message: str, code: int = EXIT_ERROR) -> None:
     click.echo(f"nwc: error: {message}", err=True)
     sys.exit(code)
@@ -89,19 +103,24 @@ def cli() -> None:
 @click.option("--codec", type=click.Choice(available_codecs()), default=None, help="Default codec [lossless].")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Store tensors matching GLOB raw (repeatable).")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path), help="JSON policy file (see docs).")
-@click.option("--chunk-elems", type=int, default=None, help="lossless: values per independent chunk.")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Codec parameter for the default codec (repeatable), e.g. profile=fast or chunk_elems=65536.",
+)
 @click.option("--max-shard-size", default=None, help="Split output into shards of at most this size (e.g. 5GB).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
-def encode(src, dst, codec, exclude, policy_file, chunk_elems, max_shard_size, overwrite, quiet) -> None:
+def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, overwrite, quiet) -> None:
     """Encode a Hugging Face model folder (or a .safetensors / .bin file) into NWC."""
     from nwcfmt.convert import encode_model
     from nwcfmt.policy import Policy
     from nwcfmt.sources import WeightSource
 
-    params = {"chunk_elems": chunk_elems} if chunk_elems else None
-    overrides = {"codec": codec, "params": params}
+    overrides = {"codec": codec, "params": parse_params(params) or None}
     policy = (
         Policy.from_file(policy_file, **overrides)
         if policy_file
