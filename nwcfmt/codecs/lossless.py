@@ -143,7 +143,7 @@ def _choose_symbols(u: np.ndarray, lay: FloatLayout) -> tuple[int, np.ndarray, n
         prefix = (u >> (lay.mantissa_bits - k)) & ((1 << width) - 1)
         present = np.flatnonzero(np.bincount(prefix, minlength=1 << width))
         first, last = int(present[0]), int(present[-1])
-        if last - first < TABLE_SLOTS:
+        if last - first < min(TABLE_SLOTS, len(u)):  # a table never has more entries than the chunk
             table = np.arange(first, last + 1, dtype="<u2")
             return k, table, (prefix - first).astype(np.uint8)
         if len(present) <= TABLE_SLOTS:
@@ -180,9 +180,10 @@ def _unpack_stream(data: memoryview, raw: bool, n: int, where: str) -> np.ndarra
     except zstandard.ZstdError:
         raise FormatError(f"{where}: plane is not a zstd frame") from None
     if declared != n:
-        raise LimitError(f"{where}: plane declares {declared} bytes, expected {n}")
+        error = LimitError if declared > n or declared < 0 else FormatError
+        raise error(f"{where}: plane declares {declared} bytes, expected {n}")
     try:
-        out = _decompressor().decompress(data, max_output_size=n)
+        out = _decompressor().decompress(data, max_output_size=n, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise FormatError(f"{where}: corrupt zstd frame ({exc})") from None
     if len(out) != n:
@@ -198,6 +199,8 @@ def _decode_chunk(out: np.ndarray, data: memoryview, row: np.ndarray, lay: Float
         raise FormatError(f"{where}: invalid chunk header {info:#010x}")
     table = np.frombuffer(data[: 2 * n_sym], dtype="<u2")
     t = lay.mantissa_bits - k
+    if len(table) != n_sym or int(table[-1]) >> (lay.exponent_bits + k) or not bool(np.all(np.diff(table) > 0)):
+        raise FormatError(f"{where}: symbol table is truncated, out of range or not strictly increasing")
     pos = 2 * n_sym
     planes = []
     for i, length in enumerate(row[1:]):
@@ -207,7 +210,7 @@ def _decode_chunk(out: np.ndarray, data: memoryview, row: np.ndarray, lay: Float
     if n and int(symbols.max()) >= n_sym:
         raise FormatError(f"{where}: symbol outside the {n_sym}-entry table")
     first = int(table[0])
-    if int(table[-1]) - first == n_sym - 1 and (n_sym < 3 or bool(np.all(np.diff(table) == 1))):
+    if int(table[-1]) - first == n_sym - 1:  # strictly increasing, so consecutive
         np.copyto(out, symbols)  # consecutive prefixes: value = symbol + first
         out += lay.word(first)
     else:
@@ -277,9 +280,9 @@ class LosslessCodec(Codec):
         index = np.array([row for row, _ in results], dtype="<u4").reshape(len(bounds), 2 + lay.tail_planes)
         data = np.frombuffer(b"".join(blob for _, blob in results), dtype=np.uint8)
         return EncodedTensor(
-            {
-                PRIMARY_SEGMENT: torch.from_numpy(data.copy()),
+            {  # index first: a front-to-back reader knows the chunk layout before the data arrives
                 INDEX_SEGMENT: torch.from_numpy(index.view(np.uint8).reshape(-1).copy()),
+                PRIMARY_SEGMENT: torch.from_numpy(data.copy()),
             },
             self.get_config(),
         )

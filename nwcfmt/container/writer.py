@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from collections.abc import Mapping
@@ -85,7 +86,7 @@ class NwcWriter:
         self.path = Path(path)
         self._stream = StreamingWriter(self.path, alignment=alignment)
         self.manifest = Manifest(producer=producer_info(), alignment=alignment, shard=shard)
-        self.metadata = {"format": "pt", **(metadata or {})}
+        self.metadata = {**(metadata or {}), "format": "pt"}  # transformers requires format == "pt"
         self.metadata.pop(MANIFEST_KEY, None)
 
     @property
@@ -108,6 +109,10 @@ class NwcWriter:
     def append(self, name: str, tensor: torch.Tensor, codec: Codec, encoded: EncodedTensor) -> TensorRecord:
         """Append an already encoded tensor (see :func:`encode_tensor`)."""
         check_name(name)
+        try:
+            json.dumps(encoded.params, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise EncodeError(f"tensor {name!r}: codec params are not plain JSON ({exc})") from None
         segments = {}
         for seg_name, seg in encoded.segments.items():
             st_name = segment_tensor_name(name, seg_name)
