@@ -19,6 +19,7 @@ from nwcfmt.constants import (
     MAX_DIMS,
     MAX_TENSOR_ELEMENTS,
 )
+from nwcfmt.container.safetensors_io import short_repr, strict_json_loads
 from nwcfmt.errors import FormatError, LimitError, UnknownFeatureError, UnsupportedVersionError
 
 JsonScalar = str | int | float | bool | None
@@ -126,8 +127,9 @@ def _check_params(value: Any, source: str, where: str, depth: int = 0) -> None:
 
 def parse_version(text: str, source: str) -> tuple[int, int]:
     parts = text.split(".") if isinstance(text, str) else []
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 6 for p in parts):
-        raise _fail(source, f"format_version {text!r} is not MAJOR.MINOR")
+    # isdigit() alone accepts non-ASCII digits such as "²" that int() rejects
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 6 for p in parts):
+        raise _fail(source, f"format_version {short_repr(text)} is not MAJOR.MINOR")
     return int(parts[0]), int(parts[1])
 
 
@@ -175,9 +177,10 @@ def _parse_record(raw: Any, source: str) -> TensorRecord:
 
 def _parse_manifest(text: str, source: str) -> Manifest:
     try:
-        doc = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        raise _fail(source, "not valid JSON") from None
+        doc = strict_json_loads(text)
+    except (ValueError, RecursionError) as exc:  # ValueError: also duplicate keys, NaN, over-long integers
+        detail = str(exc)[:120] if isinstance(exc, ValueError) else exc.__class__.__name__
+        raise _fail(source, f"not valid JSON: {detail}") from None
     if not isinstance(doc, dict):
         raise _fail(source, "must be a JSON object")
     if doc.get("format") != FORMAT_NAME:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -15,7 +18,23 @@ from nwcfmt.constants import DTYPE_NAMES, MANIFEST_KEY, PAD_PREFIX, ST_TO_TORCH,
 from nwcfmt.container.manifest import Manifest, SegmentRef, TensorRecord
 from nwcfmt.container.safetensors_io import Header, TensorInfo, read_header
 from nwcfmt.container.writer import crc32
-from nwcfmt.errors import ChecksumError, FormatError, UnsupportedVersionError
+from nwcfmt.errors import ChecksumError, FormatError, InputError, NwcError, UnsupportedVersionError
+
+
+def _open_regular_file(path: Path) -> BinaryIO:
+    """Open ``path`` for reading; InputError if it is missing or not a regular file (a FIFO would block, a device
+    has no size)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open ({exc.strerror or exc.__class__.__name__})") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f"{path}: not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _plain_manifest(header: Header) -> Manifest:
@@ -37,8 +56,9 @@ class NwcReader:
 
     def __init__(self, path: str | os.PathLike, *, allow_plain: bool = False) -> None:
         self.path = Path(path)
-        self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self._file = _open_regular_file(self.path)
         self._map: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
         try:
             self.header = read_header(self._file, self.path)
             self.metadata = {k: v for k, v in self.header.metadata.items() if k != MANIFEST_KEY}
@@ -63,11 +83,25 @@ class NwcReader:
             infos[seg_name] = info
         return infos
 
+    def _locate(self, exc: NwcError, record: TensorRecord) -> None:
+        """Put the file (and the tensor, if missing) in front of an error raised by a codec or the registry."""
+        msg = str(exc)
+        if not msg.startswith(str(self.path)):
+            if f"{record.name!r}" not in msg:
+                msg = f"tensor {record.name!r}: {msg}"
+            exc.args = (f"{self.path}: {msg}",)
+
     def _validate(self) -> None:
         used: dict[str, str] = {}
         for record in self.manifest.tensors:
-            codec = get_codec(record.codec)
-            if record.codec_version > codec.version or record.codec_version < 1:
+            try:
+                codec = get_codec(record.codec)
+            except NwcError as exc:
+                self._locate(exc, record)
+                raise
+            if record.codec_version < 1:
+                raise FormatError(f"{self.path}: tensor {record.name!r}: codec_version must be at least 1")
+            if record.codec_version > codec.version:
                 raise UnsupportedVersionError(
                     f"{self.path}: tensor {record.name!r} uses {record.codec} v{record.codec_version}; "
                     f"this nwcfmt reads up to v{codec.version}"
@@ -76,14 +110,20 @@ class NwcReader:
             for info in infos.values():
                 if info.name in used:
                     raise FormatError(
-                        f"{self.path}: tensor {info.name!r} is claimed by {used[info.name]!r} and {record.name!r}"
+                        f"{self.path}: safetensors tensor {info.name!r} is claimed twice "
+                        f"(by {used[info.name]!r} and {record.name!r})"
                     )
                 used[info.name] = record.name
                 if (info.start % self.manifest.alignment) and info.nbytes:
                     raise FormatError(
-                        f"{self.path}: segment {info.name!r} is not {self.manifest.alignment}-byte aligned"
+                        f"{self.path}: tensor {record.name!r}: segment {info.name!r} is not "
+                        f"{self.manifest.alignment}-byte aligned"
                     )
-            codec.validate(record, infos)
+            try:
+                codec.validate(record, infos)
+            except NwcError as exc:
+                self._locate(exc, record)
+                raise
         for info in self.header.tensors.values():
             if info.name in used:
                 continue
@@ -105,9 +145,18 @@ class NwcReader:
         return sum(info.nbytes for info in self._segment_infos(self.record(name)).values())
 
     def _buffer(self) -> mmap.mmap:
-        if self._map is None:
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._map
+        with self._map_lock:  # decode() may run in several threads
+            if self._map is None:
+                changed = FormatError(f"{self.path}: the file changed size since it was opened")
+                try:
+                    mapped = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+                except ValueError:  # "cannot mmap an empty file": truncated since the header was read
+                    raise changed from None
+                if len(mapped) != self.header.file_size:  # touching pages past a shrunk file's end is SIGBUS
+                    mapped.close()
+                    raise changed
+                self._map = mapped
+            return self._map
 
     def segments(self, name: str, *, verify: bool = True) -> dict[str, torch.Tensor]:
         """The segments of one tensor as CPU tensors viewing the file (checked against their CRC-32)."""
@@ -134,7 +183,12 @@ class NwcReader:
         """Decode one tensor onto ``device``, optionally cast to ``dtype``."""
         record = self.record(name)
         device = torch.device(device)
-        tensor = get_codec(record.codec).decode(record, self.segments(name, verify=verify), device)
+        segments = self.segments(name, verify=verify)
+        try:
+            tensor = get_codec(record.codec).decode(record, segments, device)
+        except NwcError as exc:
+            self._locate(exc, record)
+            raise
         if tensor.dtype != DTYPE_NAMES[record.dtype] or tuple(tensor.shape) != record.shape:
             raise FormatError(f"{self.path}: tensor {name!r} decoded to the wrong dtype or shape")
         return tensor if dtype is None else tensor.to(dtype)

@@ -65,6 +65,13 @@ def _bad(path: str | os.PathLike, msg: str) -> FormatError:
     return FormatError(f"{os.fspath(path)}: {msg}")
 
 
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr`` of a value read from a file, cut short for error messages (containers by type only: a deeply
+    nested one would overflow ``repr``)."""
+    text = repr(value) if value is None or isinstance(value, (str, int, float)) else f"a JSON {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _parse_shape(path, name: str, raw) -> tuple[int, ...]:
     if not isinstance(raw, list) or len(raw) > MAX_DIMS:
         raise _bad(path, f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} integers")
@@ -74,6 +81,33 @@ def _parse_shape(path, name: str, raw) -> tuple[int, ...]:
     if math.prod(shape) > MAX_TENSOR_ELEMENTS:
         raise LimitError(f"{os.fspath(path)}: tensor {name!r} declares {math.prod(shape)} elements")
     return shape
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {short_repr(key)}")
+            seen.add(key)
+    return obj
+
+
+def _no_constants(token: str) -> None:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def strict_json_loads(text: str | bytes):
+    """``json.loads`` that rejects what JSON (RFC 8259) leaves ambiguous or forbids: duplicate keys, NaN,
+    Infinity. Raises ``ValueError`` (including ``JSONDecodeError`` and the int-digits limit) or ``RecursionError``.
+    """
+    return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+
+
+def _json_problem(exc: BaseException) -> str:
+    msg = str(exc) if isinstance(exc, ValueError) else exc.__class__.__name__
+    return msg if len(msg) <= 120 else msg[:117] + "..."
 
 
 def read_header(f: BinaryIO, path: str | os.PathLike = "<file>") -> Header:
@@ -90,16 +124,22 @@ def read_header(f: BinaryIO, path: str | os.PathLike = "<file>") -> Header:
     if header_len > file_size - 8:
         raise _bad(path, f"truncated: header length {header_len} but only {file_size - 8} bytes follow")
     raw = f.read(header_len)
+    if len(raw) != header_len:
+        raise _bad(path, f"truncated: header length {header_len} but only {len(raw)} bytes could be read")
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise _bad(path, f"header is not valid UTF-8 JSON ({exc.__class__.__name__})") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _bad(path, f"header is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        obj = strict_json_loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise _bad(path, f"header is not valid JSON: {_json_problem(exc)}") from None
     if not isinstance(obj, dict):
         raise _bad(path, "header must be a JSON object")
-    metadata = obj.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _bad(path, "__metadata__ must map strings to strings")
     data_start = 8 + header_len
     data_len = file_size - data_start
@@ -108,8 +148,8 @@ def read_header(f: BinaryIO, path: str | os.PathLike = "<file>") -> Header:
         if not isinstance(info, dict):
             raise _bad(path, f"tensor {name!r}: entry must be an object")
         dtype = info.get("dtype")
-        if dtype not in ST_TO_TORCH:
-            raise _bad(path, f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in ST_TO_TORCH:
+            raise _bad(path, f"tensor {name!r}: unsupported dtype {short_repr(dtype)}")
         shape = _parse_shape(path, name, info.get("shape"))
         offs = info.get("data_offsets")
         if (
