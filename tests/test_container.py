@@ -198,3 +198,24 @@ def test_lossless_profiles(tmp_path, dtype):
         assert sizes["compact"] == sizes["fast"]  # fp16's only layout already has a raw-width tail
     else:
         assert sizes["compact"] < sizes["fast"]
+
+
+def test_reader_cap_on_decoded_size(tmp_path):
+    path = tmp_path / "m.safetensors"
+    nwcfmt.save({"small": torch.randn(10), "big": torch.randn(100, 100)}, path)
+    with nwcfmt.NwcReader(path, max_tensor_bytes=1000) as r:
+        assert r.decode("small").numel() == 10
+        with pytest.raises(nwcfmt.LimitError, match="big"):
+            r.decode("big")
+
+
+def test_bool_payload_must_be_zero_or_one(tmp_path):
+    path = tmp_path / "m.safetensors"
+    nwcfmt.save({"mask": torch.tensor([True, False, True])}, path)
+    raw = bytearray(path.read_bytes())
+    with nwcfmt.open(path) as r:
+        start = r.header.tensors["mask"].start
+    raw[start] = 2
+    path.write_bytes(bytes(raw))
+    with nwcfmt.open(path) as r, pytest.raises(nwcfmt.FormatError, match="bool"):
+        r.decode("mask", verify=False)

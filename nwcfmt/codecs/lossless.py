@@ -44,6 +44,7 @@ DEFAULT_PROFILE = "compact"
 DEFAULT_CHUNK_ELEMS = 1 << 17
 MIN_CHUNK_ELEMS = 256
 TABLE_SLOTS = 256
+ZSTD_BLOCK = 1 << 17  # the largest zstd block; each block costs at least a 3-byte header + 1 byte
 
 
 @dataclass(frozen=True)
@@ -170,18 +171,27 @@ def _encode_chunk(u: np.ndarray, lay: FloatLayout) -> tuple[list[int], bytes]:
 # ----------------------------------------------------------------------------------------------- decode
 
 
-def _unpack_stream(data: memoryview, raw: bool, n: int, where: str) -> np.ndarray:
+def _check_stream(data: memoryview, raw: bool, n: int, where: str) -> None:
+    """Check a plane's size from its bytes or its zstd frame header alone (nothing is decompressed)."""
     if raw:
         if len(data) != n:
             raise FormatError(f"{where}: raw plane has {len(data)} bytes, expected {n}")
-        return np.frombuffer(data, dtype=np.uint8)
+        return
     try:
         declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError:
         raise FormatError(f"{where}: plane is not a zstd frame") from None
+    if declared < 0:
+        raise FormatError(f"{where}: zstd frame does not declare its decoded size")
     if declared != n:
-        error = LimitError if declared > n or declared < 0 else FormatError
+        error = LimitError if declared > n else FormatError
         raise error(f"{where}: plane declares {declared} bytes, expected {n}")
+
+
+def _unpack_stream(data: memoryview, raw: bool, n: int, where: str) -> np.ndarray:
+    _check_stream(data, raw, n, where)
+    if raw:
+        return np.frombuffer(data, dtype=np.uint8)
     try:
         out = _decompressor().decompress(data, max_output_size=n, allow_extra_data=False)
     except zstandard.ZstdError as exc:
@@ -191,12 +201,27 @@ def _unpack_stream(data: memoryview, raw: bool, n: int, where: str) -> np.ndarra
     return np.frombuffer(out, dtype=np.uint8)
 
 
-def _decode_chunk(out: np.ndarray, data: memoryview, row: np.ndarray, lay: FloatLayout, where: str) -> None:
-    n = out.size
+def _chunk_header(row: np.ndarray, lay: FloatLayout, n: int, where: str) -> tuple[int, int, int]:
+    """(k, n_sym, raw_mask) of an index row, validated."""
     info = int(row[0])
     k, n_sym, raw_mask = info & 0xFF, ((info >> 8) & 0xFF) + 1, info >> 16
     if k not in lay.symbol_ks or raw_mask >> (1 + lay.tail_planes) or n_sym > n:
         raise FormatError(f"{where}: invalid chunk header {info:#010x}")
+    return k, n_sym, raw_mask
+
+
+def _check_chunk(data: memoryview, row: np.ndarray, lay: FloatLayout, n: int, where: str) -> None:
+    """Validate a chunk's header and every plane's declared size before any output is allocated."""
+    _, n_sym, raw_mask = _chunk_header(row, lay, n, where)
+    pos = 2 * n_sym
+    for i, length in enumerate(row[1:]):
+        _check_stream(data[pos : pos + int(length)], bool(raw_mask >> i & 1), n, where)
+        pos += int(length)
+
+
+def _decode_chunk(out: np.ndarray, data: memoryview, row: np.ndarray, lay: FloatLayout, where: str) -> None:
+    n = out.size
+    k, n_sym, raw_mask = _chunk_header(row, lay, n, where)
     table = np.frombuffer(data[: 2 * n_sym], dtype="<u2")
     t = lay.mantissa_bits - k
     if len(table) != n_sym or int(table[-1]) >> (lay.exponent_bits + k) or not bool(np.all(np.diff(table) > 0)):
@@ -233,6 +258,11 @@ def _merge_tail(out: np.ndarray, planes: list[np.ndarray], t: int, lay: FloatLay
         sign = tail >> lay.word(t)
     sign <<= lay.word(lay.word_bits - 1)
     np.bitwise_or(out, sign, out=out)
+
+
+def _min_chunk_bytes(n: int, lay: FloatLayout) -> int:
+    """Fewest bytes a chunk of ``n`` values can occupy: its table plus each plane at its most compressed."""
+    return 2 + (1 + lay.tail_planes) * min(n, 4 * math.ceil(n / ZSTD_BLOCK))
 
 
 def _chunk_bounds(numel: int, chunk: int) -> list[tuple[int, int]]:
@@ -314,6 +344,15 @@ class LosslessCodec(Codec):
                 f"tensor {record.name!r}: index has {segments[INDEX_SEGMENT].nbytes} bytes, "
                 f"expected {expected} for {n_chunks} chunks"
             )
+        # A plane needs at least 4 bytes per 128 KiB it decodes to (a zstd block header), so a record cannot
+        # declare more values than its data could hold: decompression bombs stop here, before any decoding.
+        full, last = divmod(record.numel, chunk)
+        minimum = full * _min_chunk_bytes(chunk, lay) + (_min_chunk_bytes(last, lay) if last else 0)
+        if segments[PRIMARY_SEGMENT].nbytes < minimum:
+            raise LimitError(
+                f"tensor {record.name!r}: {segments[PRIMARY_SEGMENT].nbytes} data bytes cannot hold "
+                f"{record.numel} values (shape {list(record.shape)})"
+            )
 
     @classmethod
     def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -327,6 +366,8 @@ class LosslessCodec(Codec):
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         if offsets[-1] != len(data):
             raise FormatError(f"tensor {record.name!r}: chunks cover {offsets[-1]} bytes, data has {len(data)}")
+        for i, (s, e) in enumerate(bounds):  # headers only: a lying index fails here, before the allocation
+            _check_chunk(data[offsets[i] : offsets[i + 1]], index[i], lay, e - s, f"tensor {record.name!r} chunk {i}")
         out = np.empty(record.numel, dtype=lay.word)
 
         def run(i: int) -> None:

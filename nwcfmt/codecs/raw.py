@@ -36,6 +36,8 @@ class RawCodec(Codec):
     @classmethod
     def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         data = segments[PRIMARY_SEGMENT]
+        if data.dtype == torch.bool and data.numel() and int(data.view(torch.uint8).max()) > 1:
+            raise FormatError(f"tensor {record.name!r}: bool payload holds bytes other than 0 and 1")
         if device.type == "cpu":
             return data.clone()
         return data.to(device, non_blocking=False)

@@ -18,7 +18,7 @@ from nwcfmt.constants import DTYPE_NAMES, MANIFEST_KEY, PAD_PREFIX, ST_TO_TORCH,
 from nwcfmt.container.manifest import Manifest, SegmentRef, TensorRecord
 from nwcfmt.container.safetensors_io import Header, TensorInfo, read_header
 from nwcfmt.container.writer import crc32
-from nwcfmt.errors import ChecksumError, FormatError, InputError, NwcError, UnsupportedVersionError
+from nwcfmt.errors import ChecksumError, FormatError, InputError, LimitError, NwcError, UnsupportedVersionError
 
 
 def _open_regular_file(path: Path) -> BinaryIO:
@@ -54,8 +54,11 @@ class NwcReader:
     Payloads are memory-mapped and checked against their CRC-32 when a tensor is decoded.
     """
 
-    def __init__(self, path: str | os.PathLike, *, allow_plain: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, allow_plain: bool = False, max_tensor_bytes: int | None = None
+    ) -> None:
         self.path = Path(path)
+        self.max_tensor_bytes = max_tensor_bytes  # opt-in cap on one decoded tensor (untrusted files)
         self._file = _open_regular_file(self.path)
         self._map: mmap.mmap | None = None
         self._map_lock = threading.Lock()
@@ -182,6 +185,10 @@ class NwcReader:
     ) -> torch.Tensor:
         """Decode one tensor onto ``device``, optionally cast to ``dtype``."""
         record = self.record(name)
+        if self.max_tensor_bytes is not None and record.nbytes > self.max_tensor_bytes:
+            raise LimitError(
+                f"{self.path}: tensor {name!r} decodes to {record.nbytes} bytes, over the {self.max_tensor_bytes} cap"
+            )
         device = torch.device(device)
         segments = self.segments(name, verify=verify)
         try:
@@ -193,10 +200,33 @@ class NwcReader:
             raise FormatError(f"{self.path}: tensor {name!r} decoded to the wrong dtype or shape")
         return tensor if dtype is None else tensor.to(dtype)
 
-    def items(self, **kwargs) -> Iterator[tuple[str, torch.Tensor]]:
-        """Decode every tensor in file order."""
-        for name in self.names:
-            yield name, self.decode(name, **kwargs)
+    def items(self, *, readahead: int = 2, **kwargs) -> Iterator[tuple[str, torch.Tensor]]:
+        """Decode every tensor in file order, up to ``readahead`` tensors ahead in worker threads.
+
+        Memory stays bounded by about ``readahead + 1`` decoded tensors; ``readahead=0`` decodes inline.
+        """
+        if readahead <= 0:
+            for name in self.names:
+                yield name, self.decode(name, **kwargs)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=readahead, thread_name_prefix="nwc-read") as pool:
+            pending: deque = deque()
+            names = iter(self.names)
+            try:
+                for name in names:
+                    pending.append((name, pool.submit(self.decode, name, **kwargs)))
+                    if len(pending) > readahead:
+                        done, future = pending.popleft()
+                        yield done, future.result()
+                while pending:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            finally:
+                for _, future in pending:
+                    future.cancel()
 
     def close(self) -> None:
         if self._map is not None:

@@ -244,7 +244,7 @@ class StreamingWriter:
         for name, dtype, shape, start, end in self._entries:
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        align = self.alignment or 8
+        align = max(self.alignment or 8, 8)  # safetensors writers pad headers to 8 bytes
         raw += b" " * ((-(8 + len(raw))) % align)
         return struct.pack("<Q", len(raw)) + raw
 
