@@ -72,11 +72,15 @@ def save(
     *,
     codec: str = "lossless",
     metadata: Mapping[str, str] | None = None,
+    **config,
 ) -> None:
-    """Write ``tensors`` to one NWC file; tensors ``codec`` cannot hold are stored raw."""
+    """Write ``tensors`` to one NWC file; tensors ``codec`` cannot hold are stored raw.
+
+    ``config`` is the codec's configuration, e.g. ``save(t, path, codec="lossless", profile="fast")``.
+    """
     from nwcfmt.codecs.registry import get_codec
 
-    chosen = get_codec(codec)()
+    chosen = get_codec(codec)(**config)
     with NwcWriter(path, metadata=metadata) as writer:
         for name, tensor in tensors.items():
             writer.write(name, tensor, chosen if chosen.supports(tensor) else "raw")

@@ -41,7 +41,7 @@ INDEX_SEGMENT = "index"
 # raw byte plane for bf16 (only the exponent is entropy-decoded: faster loads, ~0.5% larger files).
 PROFILES = {"compact": 3, "fast": 0}
 DEFAULT_PROFILE = "compact"
-DEFAULT_CHUNK_ELEMS = 1 << 17
+DEFAULT_CHUNK_ELEMS = 1 << 19  # measured: best ratio and thread scaling on MiniLM (2^17..2^21)
 MIN_CHUNK_ELEMS = 256
 TABLE_SLOTS = 256
 ZSTD_BLOCK = 1 << 17  # the largest zstd block; each block costs at least a 3-byte header + 1 byte
