@@ -207,7 +207,8 @@ def bench_zipnn_whole(ds: Dataset, pristine: dict[str, torch.Tensor], repeat: in
 
 
 def hardware() -> list[str]:
-    from nwcfmt.codecs import lossless
+    from nwcfmt.codecs.lossless import native_enabled
+    from nwcfmt.parallel import num_threads
 
     model = platform.processor() or "?"
     try:
@@ -222,8 +223,9 @@ def hardware() -> list[str]:
     return [
         f"CPU: {model}; os.cpu_count()={os.cpu_count()}, usable cores={usable}; load average {load} "
         "(other processes on the cores make every figure slower and noisier)",
-        f"threads: nwcfmt lossless={lossless.num_threads()} (NWC_THREADS={os.environ.get('NWC_THREADS', 'unset')}), "
-        f"zipnn=min(cpu_count,16)={min(os.cpu_count() or 1, 16)}, torch={torch.get_num_threads()}",
+        f"threads: nwcfmt lossless={num_threads()} (NWC_THREADS={os.environ.get('NWC_THREADS', 'unset')}), "
+        f"zipnn=min(cpu_count,16)={min(os.cpu_count() or 1, 16)}, torch={torch.get_num_threads()}; "
+        f"nwcfmt native kernel: {'on' if native_enabled() else 'off (numpy path)'} (NWC_NATIVE=0 turns it off)",
         f"python {platform.python_version()}, torch {torch.__version__}, zipnn {version('zipnn')}, "
         f"zstandard {version('zstandard')}, numpy {version('numpy')}",
     ]

@@ -174,8 +174,9 @@ def test_lossless_threads_do_not_change_output(tmp_path, monkeypatch):
         nwcfmt.save({"t": t}, path)
         outs.append(path.read_bytes())
     assert outs[0] == outs[1]
-    assert np.array_equal(nwcfmt.load(tmp_path / "m1.safetensors")["t"].view(torch.int16).numpy(),
-                          t.view(torch.int16).numpy())
+    assert np.array_equal(
+        nwcfmt.load(tmp_path / "m1.safetensors")["t"].view(torch.int16).numpy(), t.view(torch.int16).numpy()
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -219,3 +220,41 @@ def test_bool_payload_must_be_zero_or_one(tmp_path):
     path.write_bytes(bytes(raw))
     with nwcfmt.open(path) as r, pytest.raises(nwcfmt.FormatError, match="bool"):
         r.decode("mask", verify=False)
+
+
+@pytest.mark.skipif(
+    not __import__("nwcfmt.codecs.lossless").codecs.lossless.native_enabled(),
+    reason="native kernel not built (no C compiler at install)",
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("profile", ["compact", "fast"])
+def test_native_kernel_matches_numpy_reference(tmp_path, monkeypatch, dtype, profile):
+    """The compiled merge kernel and the numpy path decode every layout to the same bits."""
+    g = torch.Generator().manual_seed(5)
+    t = torch.cat(
+        [
+            torch.randn(300_000, generator=g) * 0.02,  # consecutive tables
+            torch.randn(70_000, generator=g) * torch.exp2(torch.randint(-40, 40, (70_000,), generator=g).float()),
+            special_values(dtype).float(),
+        ]
+    ).to(dtype)
+    path = tmp_path / "t.safetensors"
+    with nwcfmt.NwcWriter(path) as w:
+        w.write("t", t, "lossless", chunk_elems=8192, profile=profile, raw_if_larger=False)
+    decoded = {}
+    for native in ("1", "0"):
+        monkeypatch.setenv("NWC_NATIVE", native)
+        with nwcfmt.open(path) as r:
+            decoded[native] = bits(r.decode("t"))
+    assert decoded["1"] == decoded["0"] == bits(t)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 3 * 4096 + 7, 100_000])
+def test_parallel_crc_equals_zlib(monkeypatch, n):
+    import zlib
+
+    from nwcfmt.container.checksum import crc32_parallel
+
+    monkeypatch.setenv("NWC_THREADS", "2")
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+    assert crc32_parallel(memoryview(data), piece=4096) == zlib.crc32(data)

@@ -15,9 +15,9 @@ import torch
 
 from nwcfmt.codecs.registry import get_codec
 from nwcfmt.constants import DTYPE_NAMES, MANIFEST_KEY, PAD_PREFIX, ST_TO_TORCH, dtype_name
+from nwcfmt.container.checksum import crc32_parallel
 from nwcfmt.container.manifest import Manifest, SegmentRef, TensorRecord
 from nwcfmt.container.safetensors_io import Header, TensorInfo, read_header
-from nwcfmt.container.writer import crc32
 from nwcfmt.errors import ChecksumError, FormatError, InputError, LimitError, NwcError, UnsupportedVersionError
 
 
@@ -168,7 +168,7 @@ class NwcReader:
         for seg_name, info in self._segment_infos(record).items():
             view = memoryview(self._buffer())[info.start : info.end]
             ref = record.segments[seg_name]
-            if verify and ref.crc32 >= 0 and crc32(view) != ref.crc32:
+            if verify and ref.crc32 >= 0 and crc32_parallel(view) != ref.crc32:
                 raise ChecksumError(f"{self.path}: tensor {name!r}: checksum mismatch in segment {seg_name!r}")
             dtype = ST_TO_TORCH[info.dtype]
             flat = torch.frombuffer(view, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)

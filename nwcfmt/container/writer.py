@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec, EncodeContext, EncodedTensor
 from nwcfmt.codecs.registry import get_codec
 from nwcfmt.constants import ALIGNMENT, MANIFEST_KEY, SEGMENT_SEPARATOR, dtype_name
+from nwcfmt.container.checksum import crc32
 from nwcfmt.container.manifest import Manifest, SegmentRef, TensorRecord
 from nwcfmt.container.safetensors_io import StreamingWriter, tensor_bytes
 from nwcfmt.errors import EncodeError
@@ -22,10 +22,6 @@ from nwcfmt.errors import EncodeError
 def segment_tensor_name(name: str, segment: str) -> str:
     """The primary segment keeps the tensor's own name; others get ``name::segment``."""
     return name if segment == PRIMARY_SEGMENT else f"{name}{SEGMENT_SEPARATOR}{segment}"
-
-
-def crc32(data) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
 
 
 def check_name(name: str) -> None:
