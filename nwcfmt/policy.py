@@ -5,7 +5,8 @@ Resolution order for a tensor named ``name``:
 1. ``exclude`` globs -> ``raw``;
 2. the first matching rule of the policy (``{"match": GLOB, "codec": ID, "params": {...}}``);
 3. tensors the default codec cannot hold (integer dtypes, for instance) -> ``raw``;
-4. tensors with fewer than ``min_ndim`` dimensions (norms, biases) and names matching ``keep_raw`` -> ``raw``;
+4. tensors with fewer than ``min_ndim`` dimensions (norms, biases) and names matching ``keep_raw`` -> ``raw``
+   (for lossy default codecs, embeddings and ``lm_head`` too);
 5. the default codec with its params.
 
 A policy file is JSON with the keys ``codec``, ``params``, ``rules``, ``exclude``, ``keep_raw`` and ``min_ndim``
@@ -30,6 +31,8 @@ from nwcfmt.codecs.registry import get_codec
 from nwcfmt.errors import InputError
 
 DEFAULT_KEEP_RAW = ("*norm*", "*.bias")
+# Lossy codecs also leave embeddings and the output head alone by default (as GPTQ/AWQ checkpoints do).
+DEFAULT_KEEP_RAW_LOSSY = ("*embed*", "lm_head.*", "*.lm_head.*")
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ class Policy:
         default = self._instance(self.codec, self.params)
         if not default.supports(tensor):
             return self._instance("raw", {})
-        if tensor.dim() < self.min_ndim or any(fnmatchcase(name, g) for g in self.keep_raw):
+        keep_raw = self.keep_raw if default.exact else [*self.keep_raw, *DEFAULT_KEEP_RAW_LOSSY]
+        if tensor.dim() < self.min_ndim or any(fnmatchcase(name, g) for g in keep_raw):
             return self._instance("raw", {})
         return default
 

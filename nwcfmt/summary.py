@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from nwcfmt.codecs.registry import get_codec
 from nwcfmt.container.reader import NwcReader
 from nwcfmt.errors import NwcError
 from nwcfmt.sources import find_weight_files
@@ -22,10 +23,22 @@ class TensorStat:
     numel: int
     original_bytes: int
     stored_bytes: int
+    details: dict = field(default_factory=dict)  # codec-specific (Codec.describe)
 
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.stored_bytes / self.numel if self.numel else 0.0
+
+    @property
+    def note(self) -> str:
+        """A short human summary of the codec details, e.g. ``4b g128 asym, zstd -7.9%``."""
+        d = self.details
+        if "bits" not in d:
+            return ""
+        text = f"{d['bits']}b {d['group']} {'sym' if d['symmetric'] else 'asym'}"
+        if d.get("entropy_saved_bytes"):
+            text += f", zstd -{100 * d['entropy_saved_bytes'] / d['packed_bytes']:.1f}%"
+        return text
 
     def to_json(self) -> dict:
         return {**asdict(self), "shape": list(self.shape), "bits_per_weight": round(self.bits_per_weight, 4)}
@@ -50,6 +63,7 @@ class Summary:
 
     def to_json(self) -> dict:
         numel = self.numel or 1
+        encoded = [t for t in self.tensors if t.codec != "raw"]
         return {
             "tensors": [t.to_json() for t in self.tensors],
             "totals": {
@@ -60,6 +74,11 @@ class Summary:
                 "file_bytes": self.file_bytes,
                 "ratio": round(self.stored_bytes / max(self.original_bytes, 1), 6),
                 "bits_per_weight": round(8 * self.stored_bytes / numel, 4),
+                "entropy_saved_bytes": sum(t.details.get("entropy_saved_bytes", 0) for t in self.tensors),
+                "encoded_tensors": len(encoded),
+                "encoded_bits_per_weight": round(
+                    8 * sum(t.stored_bytes for t in encoded) / max(sum(t.numel for t in encoded), 1), 4
+                ),
                 "file_bits_per_weight": round(8 * self.file_bytes / numel, 4),
             },
         }
@@ -83,6 +102,7 @@ def summarize(path: str | os.PathLike) -> Summary:
                         record.numel,
                         record.nbytes,
                         reader.stored_bytes(name),
+                        get_codec(record.codec).describe(record, reader.segment_infos(name)),
                     )
                 )
     return Summary(stats, file_bytes)

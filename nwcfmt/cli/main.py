@@ -110,17 +110,24 @@ def cli() -> None:
     metavar="KEY=VALUE",
     help="Codec parameter for the default codec (repeatable), e.g. profile=fast or chunk_elems=65536.",
 )
+@click.option("--bits", type=int, default=None, help="Quantizing codecs: bits per weight code (2-8).")
+@click.option(
+    "--group-size", type=int, default=None, help="Quantizing codecs: values per scale (0 per channel, -1 per tensor)."
+)
+@click.option("--symmetric", is_flag=True, default=None, help="Quantizing codecs: symmetric codes (no zero point).")
+@click.option("--clip-search", is_flag=True, default=None, help="rtn: search each group's clipping range.")
 @click.option("--max-shard-size", default=None, help="Split output into shards of at most this size (e.g. 5GB).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
-def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, overwrite, quiet) -> None:
+def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, overwrite, quiet, **quantizer) -> None:
     """Encode a Hugging Face model folder (or a .safetensors / .bin file) into NWC."""
     from nwcfmt.convert import encode_model
     from nwcfmt.policy import Policy
     from nwcfmt.sources import WeightSource
 
-    overrides = {"codec": codec, "params": parse_params(params) or None}
+    codec_params = {**{k: v for k, v in quantizer.items() if v is not None}, **parse_params(params)}
+    overrides = {"codec": codec, "params": codec_params or None}
     policy = (
         Policy.from_file(policy_file, **overrides)
         if policy_file
@@ -181,10 +188,11 @@ def info(path, as_json) -> None:
             human(t.original_bytes),
             human(t.stored_bytes),
             f"{t.bits_per_weight:.3f}",
+            t.note,
         )
         for t in summary.tensors
     ]
-    head = ("tensor", "codec", "dtype", "shape", "original", "stored", "bits/w")
+    head = ("tensor", "codec", "dtype", "shape", "original", "stored", "bits/w", "details")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     numeric = {4, 5, 6}
     for row in [head, *rows]:
@@ -201,7 +209,8 @@ def info(path, as_json) -> None:
     click.echo(
         f"\n{totals['tensors']} tensors ({', '.join(f'{k}: {v}' for k, v in sorted(by_codec.items()))}), "
         f"{totals['numel']:,} weights: {human(totals['original_bytes'])} -> {human(totals['stored_bytes'])} "
-        f"({totals['ratio']:.4f}x), {totals['bits_per_weight']:.3f} bits/weight; "
+        f"({totals['ratio']:.4f}x), {totals['bits_per_weight']:.3f} bits/weight "
+        f"({totals['encoded_bits_per_weight']:.3f} over the {totals['encoded_tensors']} non-raw tensors); "
         f"files {human(totals['file_bytes'])} ({totals['file_bits_per_weight']:.3f} bits/weight with headers)"
     )
 

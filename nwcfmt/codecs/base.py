@@ -72,6 +72,11 @@ class Codec(ABC):
             )
 
     @classmethod
+    def describe(cls, record: TensorRecord, segments: Mapping[str, TensorInfo]) -> dict[str, Any]:
+        """Codec-specific facts for ``nwc info`` (bits, grouping, savings of an entropy stage...)."""
+        return {}
+
+    @classmethod
     @abstractmethod
     def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         """Rebuild the tensor (its original dtype and shape) on ``device`` from validated segments.

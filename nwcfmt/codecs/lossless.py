@@ -17,16 +17,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import zstandard
 
 from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec, EncodeContext, EncodedTensor
+from nwcfmt.codecs.entropy import check_stream, huffman_compressor, unpack_stream
 from nwcfmt.codecs.registry import register_codec
 from nwcfmt.constants import DTYPE_NAMES, MAX_CHUNK_ELEMENTS
 from nwcfmt.container.manifest import TensorRecord
@@ -76,40 +75,6 @@ LAYOUTS: dict[str, FloatLayout] = {
 # info = k | (n_symbols - 1) << 8 | raw_mask << 16; raw_mask bit 0: symbol plane raw, bit 1 + i: tail plane i raw.
 
 
-def _zstd_params() -> zstandard.ZstdCompressionParameters:
-    # A 128 KiB window keeps one Huffman table per 128 KiB block; a tiny hash table and min_match=7 keep
-    # zstd from spending bits on short LZ matches that these planes do not have.
-    return zstandard.ZstdCompressionParameters(
-        window_log=17,
-        chain_log=6,
-        hash_log=6,
-        search_log=1,
-        min_match=7,
-        target_length=0,
-        strategy=zstandard.STRATEGY_FAST,
-        write_content_size=True,
-        write_checksum=False,
-        write_dict_id=False,
-    )
-
-
-_local = threading.local()
-
-
-def _compressor() -> zstandard.ZstdCompressor:
-    comp = getattr(_local, "compressor", None)
-    if comp is None:
-        comp = _local.compressor = zstandard.ZstdCompressor(compression_params=_zstd_params())
-    return comp
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    dec = getattr(_local, "decompressor", None)
-    if dec is None:
-        dec = _local.decompressor = zstandard.ZstdDecompressor()
-    return dec
-
-
 def native_enabled() -> bool:
     """Whether the compiled merge kernel is used (it is built; ``NWC_NATIVE=0`` forces the numpy path)."""
     return _lossless_native is not None and os.environ.get("NWC_NATIVE", "1") != "0"
@@ -121,7 +86,7 @@ def native_enabled() -> bool:
 def _pack_stream(plane: np.ndarray) -> tuple[bytes, bool]:
     """zstd frame of the plane, or the plane itself when compression does not pay. Returns (bytes, raw)."""
     raw = plane.tobytes()
-    packed = _compressor().compress(raw)
+    packed = huffman_compressor().compress(raw)
     return (raw, True) if len(packed) >= len(raw) else (packed, False)
 
 
@@ -163,36 +128,6 @@ def _encode_chunk(u: np.ndarray, lay: FloatLayout) -> tuple[list[int], bytes]:
 # ----------------------------------------------------------------------------------------------- decode
 
 
-def _check_stream(data: memoryview, raw: bool, n: int, where: str) -> None:
-    """Check a plane's size from its bytes or its zstd frame header alone (nothing is decompressed)."""
-    if raw:
-        if len(data) != n:
-            raise FormatError(f"{where}: raw plane has {len(data)} bytes, expected {n}")
-        return
-    try:
-        declared = zstandard.frame_content_size(data)
-    except zstandard.ZstdError:
-        raise FormatError(f"{where}: plane is not a zstd frame") from None
-    if declared < 0:
-        raise FormatError(f"{where}: zstd frame does not declare its decoded size")
-    if declared != n:
-        error = LimitError if declared > n else FormatError
-        raise error(f"{where}: plane declares {declared} bytes, expected {n}")
-
-
-def _unpack_stream(data: memoryview, raw: bool, n: int, where: str) -> np.ndarray:
-    _check_stream(data, raw, n, where)
-    if raw:
-        return np.frombuffer(data, dtype=np.uint8)
-    try:
-        out = _decompressor().decompress(data, max_output_size=n, allow_extra_data=False)
-    except zstandard.ZstdError as exc:
-        raise FormatError(f"{where}: corrupt zstd frame ({exc})") from None
-    if len(out) != n:
-        raise FormatError(f"{where}: plane decoded to {len(out)} bytes, expected {n}")
-    return np.frombuffer(out, dtype=np.uint8)
-
-
 def _chunk_header(row: np.ndarray, lay: FloatLayout, n: int, where: str) -> tuple[int, int, int]:
     """(k, n_sym, raw_mask) of an index row, validated."""
     info = int(row[0])
@@ -207,7 +142,7 @@ def _check_chunk(data: memoryview, row: np.ndarray, lay: FloatLayout, n: int, wh
     _, n_sym, raw_mask = _chunk_header(row, lay, n, where)
     pos = 2 * n_sym
     for i, length in enumerate(row[1:]):
-        _check_stream(data[pos : pos + int(length)], bool(raw_mask >> i & 1), n, where)
+        check_stream(data[pos : pos + int(length)], bool(raw_mask >> i & 1), n, where)
         pos += int(length)
 
 
@@ -221,7 +156,7 @@ def _decode_chunk(out: np.ndarray, data: memoryview, row: np.ndarray, lay: Float
     pos = 2 * n_sym
     planes = []
     for i, length in enumerate(row[1:]):
-        planes.append(_unpack_stream(data[pos : pos + int(length)], bool(raw_mask >> i & 1), n, where))
+        planes.append(unpack_stream(data[pos : pos + int(length)], bool(raw_mask >> i & 1), n, where))
         pos += int(length)
     symbols = planes[0]
     if native_enabled():

@@ -144,6 +144,10 @@ class NwcReader:
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
 
+    def segment_infos(self, name: str) -> dict[str, TensorInfo]:
+        """The safetensors header entries of a tensor's segments, by segment name."""
+        return self._segment_infos(self.record(name))
+
     def stored_bytes(self, name: str) -> int:
         return sum(info.nbytes for info in self._segment_infos(self.record(name)).values())
 
