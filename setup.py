@@ -1,7 +1,7 @@
 """Build hook for the optional native kernel; all metadata lives in pyproject.toml.
 
-The extension is optional: where no C compiler is available the build skips it and nwcfmt uses its numpy
-implementation (bit-identical, slower).
+The extensions are optional: where no C compiler is available the build skips them and nwcfmt uses its numpy/torch
+implementations (bit-identical, slower).
 """
 
 from setuptools import Extension, setup
@@ -13,6 +13,12 @@ setup(
             ["nwcfmt/codecs/_lossless_native.c"],
             extra_compile_args=["-O3"],
             optional=True,
-        )
+        ),
+        Extension(
+            "nwcfmt.kernels._cpu_native",
+            ["nwcfmt/kernels/_cpu_native.c"],
+            extra_compile_args=["-O3"],
+            optional=True,
+        ),
     ]
 )

@@ -237,15 +237,16 @@ class GroupQuantCodec(Codec):
 
     @classmethod
     def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        from nwcfmt.kernels import dequantize_packed
+        from nwcfmt.kernels import cpu, dequantize_packed
 
         layout = layout_of(record)
+        out_dtype = DTYPE_NAMES[record.dtype]
+        if device.type == "cpu" and cpu.available(out_dtype):
+            dequantize_packed = cpu.dequantize_packed
         packed = cls.packed_codes(record, segments).to(device)  # packed bytes cross to the device, not floats
         scale = segments[SCALE_SEGMENT].to(device)
         zero = segments[ZERO_SEGMENT].to(device) if not layout.symmetric else layout.implicit_zero
-        out = dequantize_packed(
-            packed, scale, zero, layout.bits, layout.group_size, layout.cols, DTYPE_NAMES[record.dtype]
-        )
+        out = dequantize_packed(packed, scale, zero, layout.bits, layout.group_size, layout.cols, out_dtype)
         return out.reshape(record.shape)
 
 
