@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import zstandard
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
+import nwcfmt
 from nwcfmt import NwcWriter
+from nwcfmt.codecs.quant import GroupQuantCodec
 
 HERE = Path(__file__).resolve().parent
 ALIGNMENT = 64
@@ -230,17 +233,215 @@ def build_sharded(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for tensors in shards for k, v in tensors.items()}
 
 
+# ------------------------------------------------------------------------------- quantized layout (quant.md)
+# rtn is the first codec id of the shared integer-code layout. Hand-built records (codes, scales and zeros
+# chosen here) pin the layout and the arithmetic; the rtn files show what the encoder itself writes. The
+# values a quantized golden tensor must decode to are what the reference decoder makes of the stored
+# segments (tests/test_golden.py checks them against an independent decoder and exact arithmetic).
+
+
+class HandBuilt(GroupQuantCodec):
+    """Stores given codes, scales and zeros with the reference packer, under the codec id ``rtn``."""
+
+    codec_id = "rtn"
+
+    def quantize(self, weight, layout):
+        raise NotImplementedError("hand-built records are packed from explicit codes")
+
+
+def decode_all(path: Path) -> dict[str, torch.Tensor]:
+    """What the reference decoder makes of every tensor of a file (the expected values of a lossy file)."""
+    with nwcfmt.open(path) as reader:
+        return {name: reader.decode(name) for name in reader.names}
+
+
+def write_codes(
+    w: NwcWriter,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    codes,
+    scale_words,
+    zero=None,
+    *,
+    bits: int,
+    group_size: int,
+    scale_dtype: str = "float16",
+) -> None:
+    """Append a record holding exactly ``codes`` ([rows, cols]), the scale bit patterns and the zeros.
+
+    Symmetric when ``zero`` is None. ``scale_words`` and ``zero`` are [scale_rows, n_groups].
+    """
+    codec = HandBuilt(bits=bits, group_size=group_size, symmetric=zero is None, scale_dtype=scale_dtype)
+    like = torch.empty(shape, dtype=dtype)
+    layout = codec.layout(like)
+    codes = torch.as_tensor(np.asarray(codes, dtype=np.int64)).reshape(layout.rows, layout.cols)
+    words = np.asarray(scale_words, dtype=np.uint16).reshape(layout.scale_rows, layout.n_groups)
+    scale = (f16 if scale_dtype == "float16" else bf16)(words)
+    zeros = None if zero is None else torch.as_tensor(np.asarray(zero, dtype=np.uint8))
+    w.append(name, like, codec, codec.pack(codes, scale, zeros, layout))
+
+
+def permutations(seed: str, rows: int, n: int) -> np.ndarray:
+    """``rows`` permutations of ``range(n)`` drawn from SHAKE-256 (a sort by random keys, ties by position)."""
+    keys = random_u32(seed, rows * n).reshape(rows, n)
+    return np.argsort(keys, axis=1, kind="stable")
+
+
+# Per-channel rows of the arithmetic tensors: (scale bit pattern, zero). Every row holds every 8-bit code once,
+# so each row decodes (code - zero) * scale for all 256 codes.
+ARITH_BF16_FROM_F16 = [
+    (0x3E00, 0),  # 1.5: half-integers, ties to even in bfloat16 (8 significant bits)
+    (0x3E00, 255),  # the same, negative
+    (0x3C01, 128),  # 1 + 2^-10: rounds down to the integer
+    (0x7BFF, 100),  # 65504, the largest float16
+    (0x0001, 128),  # 2^-24, the smallest float16 subnormal
+    (0x03FF, 7),  # the largest float16 subnormal
+    (0x0400, 200),  # 2^-14, the smallest float16 normal
+    (0x2E66, 131),  # 0.0999755859375
+]
+ARITH_F16_FROM_BF16 = [
+    (0x3FFF, 0),  # 1.9921875 (8 significant bits): 16-bit products, rounded to 11 bits, ties to even
+    (0x3FFF, 255),
+    (0x43A0, 40),  # 320: codes >= 245 overflow float16 (> 65504 + 16) to +inf
+    (0x7F7F, 128),  # the largest bfloat16: every code but the zero is +-inf in float16
+    (0x0001, 128),  # 2^-133: every product underflows to +0 or -0 in float16
+    (0x3340, 100),  # 1.5 * 2^-25: float16 subnormal results, ties to even on the 2^-24 grid
+    (0x3C23, 131),  # 0.00994873046875
+    (0x0080, 0),  # 2^-126, the smallest bfloat16 normal: underflows to +0
+]
+ARITH_BF16_FROM_BF16 = [
+    (0x3FC0, 0),  # 1.5: ties to even in bfloat16
+    (0x0001, 128),  # 2^-133: bfloat16 subnormal results (exact below 2^-126), no flush to zero
+    (0x0003, 60),  # 3 * 2^-133: subnormal results, rounded once above 2^-126
+    (0x7F7F, 126),  # the largest bfloat16: +-1 stay finite, larger |code - zero| overflow to +-inf
+]
+ARITH_F32_FROM_BF16 = [
+    (0x7F7F, 128),  # the largest bfloat16: +-1 stay finite, every larger |code - zero| overflows to +-inf
+    (0x7F00, 127),  # 2^127: code 128 gives 2^127, code 129 overflows
+    (0x0001, 128),  # 2^-133: float32 subnormal results, exact (no flush to zero)
+    (0x0080, 0),  # 2^-126
+    (0x3FFF, 77),
+    (0x3C23, 255),
+]
+
+
+def build_quant_layout(path: Path) -> dict[str, torch.Tensor]:
+    """Hand-built records: the worked examples of quant.md, every width with every code and padding bits,
+    zeros at both ends of the range, and the arithmetic corner cases (ties, subnormals, overflow)."""
+    with NwcWriter(path) as w:
+        # quant.md worked example, 4 bits: two groups per row, the second a partial group of 2 values
+        write_codes(
+            w, "example.w4", (2, 6), torch.float16,
+            [[3, 12, 0, 15, 7, 9], [15, 14, 1, 2, 8, 8]],
+            [[0x3400, 0x3800], [0x2E66, 0x3E00]], [[8, 3], [1, 15]],
+            bits=4, group_size=4,
+        )  # fmt: skip
+        # 3 bits: 8 codes in 3 bytes; symmetric (implicit zero 4), one scale for the tensor
+        write_codes(w, "example.w3", (8,), torch.bfloat16, [5, 0, 7, 2, 1, 6, 3, 4], [[0x3E00]],
+                    bits=3, group_size=-1, scale_dtype="bfloat16")  # fmt: skip
+        # 5 bits: 3 codes in 15 bits, 1 padding bit per row; per channel, bfloat16 scales
+        write_codes(
+            w, "example.w5", (2, 3), torch.float32, [[31, 1, 16], [0, 30, 17]], [[0x3E80], [0x3F80]],
+            [[16], [0]], bits=5, group_size=0, scale_dtype="bfloat16",
+        )  # fmt: skip
+        # every width: row r holds every code 0 .. 2^bits - 1 plus 3 more (so that most rows end in padding
+        # bits); zero 0, 2^bits - 1 and the middle; group_size 0, scale 0.5, 0.25, 0.125
+        for bits in range(1, 9):
+            q = (1 << bits) - 1
+            cols = q + 4
+            codes = [[(i + r) % (q + 1) for i in range(cols)] for r in range(3)]
+            write_codes(w, f"widths.b{bits}", (3, cols), torch.bfloat16, codes, [[0x3800], [0x3400], [0x3000]],
+                        [[0], [q], [(q + 1) // 2]], bits=bits, group_size=0)  # fmt: skip
+        # symmetric 1 bit: the implicit zero is 1, codes decode to -scale and 0
+        write_codes(w, "widths.b1.symmetric", (9,), torch.float16, [0, 1, 1, 0, 1, 0, 0, 0, 1], [[0x3C00]],
+                    bits=1, group_size=-1)  # fmt: skip
+        for name, dtype, scale_dtype, rows in (
+            ("arith.bf16_from_f16", torch.bfloat16, "float16", ARITH_BF16_FROM_F16),
+            ("arith.f16_from_bf16", torch.float16, "bfloat16", ARITH_F16_FROM_BF16),
+            ("arith.bf16_from_bf16", torch.bfloat16, "bfloat16", ARITH_BF16_FROM_BF16),
+            ("arith.f32_from_bf16", torch.float32, "bfloat16", ARITH_F32_FROM_BF16),
+        ):
+            codes = permutations(name, len(rows), 256)
+            write_codes(w, name, (len(rows), 256), dtype, codes, [[s] for s, _ in rows], [[z] for _, z in rows],
+                        bits=8, group_size=0, scale_dtype=scale_dtype)  # fmt: skip
+    return decode_all(path)
+
+
+def weights(seed: str, shape: tuple[int, ...], dtype: torch.dtype, std: float = 0.02) -> torch.Tensor:
+    return f32(gaussian_f32_bits(seed, math.prod(shape), std)).reshape(shape).to(dtype)
+
+
+def build_rtn(path: Path) -> dict[str, torch.Tensor]:
+    """The rtn encoder over a grid of params: widths, groupings, symmetric or not, scale dtypes, tensor
+    dtypes and ranks, the clipping search, special groups, and the zstd entropy stage with one chunk."""
+    bf, hf, ff = torch.bfloat16, torch.float16, torch.float32
+    special = weights("rtn.special", (4, 24), ff)
+    special[0] = 0.0  # an all-zero row: scale is the smallest normal, every code the zero
+    special[1] = special[1].abs() + 0.01  # all positive: lo is 0, the zero point is 0
+    special[2] = -special[2].abs() - 0.01  # all negative: the zero point is 2^bits - 1
+    cases = [
+        # name, shape, dtype, config
+        ("rtn.b1.g8", (3, 20), bf, {"bits": 1, "group_size": 8}),
+        ("rtn.b2.g16", (6, 40), bf, {"bits": 2, "group_size": 16}),
+        ("rtn.b2.g1", (2, 5), hf, {"bits": 2, "group_size": 1, "scale_dtype": "bfloat16"}),
+        ("rtn.b3.g32.sym", (4, 72), hf, {"bits": 3, "group_size": 32, "symmetric": True, "scale_dtype": "bfloat16"}),
+        ("rtn.b4.g32.clip", (4, 64), bf, {"bits": 4, "group_size": 32, "clip_search": True}),
+        ("rtn.b4.channel.sym", (5, 48), ff, {"bits": 4, "group_size": 0, "symmetric": True, "scale_dtype": "bfloat16"}),
+        ("rtn.b5.g24", (3, 50), ff, {"bits": 5, "group_size": 24}),
+        ("rtn.b6.g16.sym", (2, 40), bf, {"bits": 6, "group_size": 16, "symmetric": True}),
+        ("rtn.b7.tensor", (3, 30), hf, {"bits": 7, "group_size": -1}),
+        ("rtn.b8.tensor", (5, 33), bf, {"bits": 8, "group_size": -1, "scale_dtype": "bfloat16"}),
+        ("rtn.b8.g64.sym", (5, 33), bf, {"bits": 8, "group_size": 64, "symmetric": True}),
+        ("rtn.1d.b4.g16", (37,), bf, {"bits": 4, "group_size": 16}),
+        ("rtn.1d.b3.channel.sym", (21,), ff, {"bits": 3, "group_size": 0, "symmetric": True}),
+        ("rtn.3d.b4.g8", (3, 4, 10), hf, {"bits": 4, "group_size": 8, "scale_dtype": "bfloat16"}),
+        ("rtn.3d.b2.tensor.sym", (2, 3, 5), bf, {"bits": 2, "group_size": -1, "symmetric": True}),
+    ]
+    # the zstd stage pays on sparse weights: 3 values in 4 are 0, so most codes are the zero point
+    sparse = weights("rtn.zstd.b4.g32", (32, 64), ff)
+    sparse *= torch.from_numpy(random_bytes("rtn.zstd.mask", sparse.numel()).copy()).reshape(sparse.shape) < 64
+    with NwcWriter(path) as w:
+        for name, shape, dtype, config in cases:
+            w.write(name, weights(name, shape, dtype), "rtn", **config)
+        w.write("rtn.special.b4.g8", special.to(bf), "rtn", bits=4, group_size=8)
+        w.write("rtn.zstd.b4.g32", sparse.to(bf), "rtn", bits=4, group_size=32, entropy="zstd")
+    return decode_all(path)
+
+
+def build_rtn_zstd_chunks(path: Path) -> dict[str, torch.Tensor]:
+    """The zstd entropy stage over several chunks: packed codes above 2^20 bytes (so the decoded tensors are
+    large; their expected-values file is stored zstd-compressed). The rows repeat, so the frames are small."""
+    # 7 bits, 100 columns: 88 bytes a row (4 padding bits), 11 915 rows a chunk; 2 full chunks and 3 rows
+    pool = weights("rtn_zstd.a", (7, 100), torch.float32)
+    a = pool[torch.arange(2 * 11915 + 3) % 7].to(torch.bfloat16)
+    # 8 bits, rows of 2^20 + 1 bytes: longer than a chunk, so each row is a chunk of its own
+    pattern = weights("rtn_zstd.b", (2, 997), torch.float32)
+    b = pattern.repeat(1, 1052)[:, : (1 << 20) + 1].contiguous().to(torch.float16)
+    with NwcWriter(path) as w:
+        w.write("zstd.a.b7.tensor", a, "rtn", bits=7, group_size=-1, entropy="zstd")
+        w.write("zstd.b.b8.tensor.sym", b, "rtn", bits=8, group_size=-1, symmetric=True, scale_dtype="bfloat16",
+                entropy="zstd")  # fmt: skip
+    return decode_all(path)
+
+
 BUILDERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
     "raw_dtypes.safetensors": build_raw_dtypes,
     "lossless_bf16.safetensors": build_lossless_bf16,
     "lossless_fp16.safetensors": build_lossless_fp16,
     "lossless_fp32.safetensors": build_lossless_fp32,
     "sharded": build_sharded,  # a folder
+    "quant_layout.safetensors": build_quant_layout,
+    "rtn.safetensors": build_rtn,
+    "rtn_zstd_chunks.safetensors": build_rtn_zstd_chunks,
 }
+# expected-values files too large to commit as they are (megabytes of repeated values): stored zstd-compressed
+COMPRESSED_EXPECTED = {"rtn_zstd_chunks.safetensors"}
 
 
 def expected_name(golden: str) -> str:
-    return golden.removesuffix(".safetensors") + ".expected.safetensors"
+    suffix = ".zst" if golden in COMPRESSED_EXPECTED else ""
+    return golden.removesuffix(".safetensors") + ".expected.safetensors" + suffix
 
 
 def zstd_version() -> str:
@@ -253,7 +454,12 @@ def build(out: Path) -> dict[str, dict[str, torch.Tensor]]:
     expected = {}
     for name, builder in BUILDERS.items():
         tensors = builder(out / name)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, out / expected_name(name))
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        if name in COMPRESSED_EXPECTED:
+            blob = zstandard.ZstdCompressor(level=19).compress(save(tensors))
+            (out / expected_name(name)).write_bytes(blob)
+        else:
+            save_file(tensors, out / expected_name(name))
         expected[name] = tensors
     return expected
 
@@ -263,7 +469,7 @@ def golden_paths(root: Path) -> list[str]:
     return sorted(
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
-        if p.is_file() and (p.suffix in (".safetensors",) or p.name.endswith(".index.json"))
+        if p.is_file() and p.name.endswith((".safetensors", ".safetensors.zst", ".index.json"))
     )
 
 
