@@ -177,3 +177,14 @@ def test_real_models_encode_with_rtn(tmp_path, model):
     name = "model.layers.3.mlp.down_proj.weight" if model == "smollm2" else "encoder.layer.2.intermediate.dense.weight"
     expected = fake_quantize(original[name], 4, 128, False)
     assert torch.equal(bits_of(decoded[name]), bits_of(expected))
+
+
+def test_encoder_refuses_what_it_cannot_represent(tmp_path):
+    from nwcfmt.errors import EncodeError
+
+    with nwcfmt.NwcWriter(tmp_path / "q.safetensors") as writer:
+        with pytest.raises(EncodeError, match="inf or NaN"):
+            writer.write("w", torch.tensor([[1.0, float("nan")]]), "rtn")
+        with pytest.raises(EncodeError, match="bfloat16"):
+            writer.write("w", torch.tensor([[-1e6, 1e6]]), "rtn", bits=4, group_size=2)
+        writer.write("w", torch.tensor([[-1e6, 1e6]]), "rtn", bits=4, group_size=2, scale_dtype="bfloat16")

@@ -21,17 +21,18 @@ import numpy as np
 import torch
 
 from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec, EncodedTensor
-from nwcfmt.codecs.entropy import compress_frame, unpack_stream
+from nwcfmt.codecs.entropy import check_stream, compress_frame, unpack_stream
 from nwcfmt.constants import DTYPE_NAMES
 from nwcfmt.container.manifest import TensorRecord
 from nwcfmt.container.safetensors_io import TensorInfo
-from nwcfmt.errors import EncodeError, FormatError
+from nwcfmt.errors import EncodeError, FormatError, LimitError
 from nwcfmt.kernels import reference
 from nwcfmt.parallel import parallel_map
 
 SCALE_SEGMENT, ZERO_SEGMENT, INDEX_SEGMENT = "scale", "zero", "index"
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 PER_CHANNEL, PER_TENSOR = 0, -1
+ZSTD_BLOCK = 1 << 17
 ENTROPY_CHUNK_BYTES = 1 << 20  # packed bytes per zstd frame (whole rows), decoded independently
 QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16)
 OptTensor = torch.Tensor | None
@@ -205,6 +206,11 @@ class GroupQuantCodec(Codec):
         if entropy:
             n_chunks = math.ceil(layout.rows / layout.rows_per_chunk())
             _check_segment(record, segments[INDEX_SEGMENT], "U32", (n_chunks,), INDEX_SEGMENT)
+            if data.nbytes < _min_entropy_bytes(layout):  # a decompression bomb: too little data for the shape
+                raise LimitError(
+                    f"tensor {record.name!r}: {data.nbytes} bytes of zstd frames cannot hold "
+                    f"{layout.packed_bytes} bytes of codes"
+                )
         elif data.nbytes != layout.packed_bytes:
             raise FormatError(
                 f"tensor {record.name!r}: packed codes have {data.nbytes} bytes, expected {layout.packed_bytes}"
@@ -243,11 +249,29 @@ class GroupQuantCodec(Codec):
         out_dtype = DTYPE_NAMES[record.dtype]
         if device.type == "cpu" and cpu.available(out_dtype):
             dequantize_packed = cpu.dequantize_packed
+        _check_scale_and_zero(record, segments, layout)  # on the CPU copies, before anything moves to the device
         packed = cls.packed_codes(record, segments).to(device)  # packed bytes cross to the device, not floats
         scale = segments[SCALE_SEGMENT].to(device)
         zero = segments[ZERO_SEGMENT].to(device) if not layout.symmetric else layout.implicit_zero
         out = dequantize_packed(packed, scale, zero, layout.bits, layout.group_size, layout.cols, out_dtype)
         return out.reshape(record.shape)
+
+
+def _check_scale_and_zero(record: TensorRecord, segments: Mapping[str, torch.Tensor], layout: QuantLayout) -> None:
+    """Scales must be positive and finite, zero points within the code range (spec/codecs/quant.md 5.2)."""
+    scale = segments[SCALE_SEGMENT].to(torch.float32)
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise FormatError(f"tensor {record.name!r}: scales must be positive and finite")
+    if not layout.symmetric and int(segments[ZERO_SEGMENT].max()) >= 1 << layout.bits:
+        raise FormatError(f"tensor {record.name!r}: zero point above the {layout.bits}-bit code range")
+
+
+def _min_entropy_bytes(layout: QuantLayout) -> int:
+    """Fewest bytes the zstd frames of a layout can take: 4 per 128 KiB block of packed codes."""
+    step = layout.rows_per_chunk() * layout.row_bytes
+    full, last = divmod(layout.packed_bytes, step)
+    per = lambda n: min(n, 4 * math.ceil(n / ZSTD_BLOCK))  # noqa: E731
+    return full * per(step) + (per(last) if last else 0)
 
 
 def _compress_rows(packed: np.ndarray, layout: QuantLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -262,8 +286,11 @@ def _decompress_rows(data: np.ndarray, index: np.ndarray, layout: QuantLayout, n
     offsets = np.concatenate([[0], np.cumsum(index.astype(np.int64))])
     if offsets[-1] != data.size:
         raise FormatError(f"tensor {name!r}: entropy chunks cover {offsets[-1]} bytes, data has {data.size}")
-    out = np.empty(layout.packed_bytes, dtype=np.uint8)
     view = memoryview(data)
+    for i in range(len(index)):  # frame headers only: a lying frame fails before the allocation
+        n = min(step, layout.packed_bytes - i * step)
+        check_stream(view[int(offsets[i]) : int(offsets[i + 1])], False, n, f"tensor {name!r} chunk {i}")
+    out = np.empty(layout.packed_bytes, dtype=np.uint8)
 
     def run(i: int) -> None:
         start = i * step

@@ -86,6 +86,8 @@ class RtnCodec(GroupQuantCodec):
         return {**super().get_config(), "clip_search": self.clip_search}
 
     def quantize(self, weight: torch.Tensor, layout: QuantLayout):
+        if not bool(torch.isfinite(weight).all()):
+            raise EncodeError("rtn cannot quantize a tensor holding inf or NaN")
         w, mask = grouped_view(weight, layout)
         big = torch.finfo(torch.float32).max
         lo = torch.where(mask, w, big).amin(-1).clamp(max=0)
@@ -101,5 +103,7 @@ class RtnCodec(GroupQuantCodec):
                 best = torch.where(better, err, best)
                 codes = torch.where(better.unsqueeze(-1), c, codes)
                 scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+        if not bool(torch.isfinite(scale).all()):
+            raise EncodeError(f"a group's range overflows {self.scale_dtype} scales; use scale_dtype='bfloat16'")
         codes = ungroup(codes.to(torch.uint8), layout)
         return codes, scale, None if self.symmetric else zero.to(torch.uint8)
