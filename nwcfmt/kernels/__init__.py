@@ -1,5 +1,105 @@
-"""Dequantization kernels: a torch reference (CPU path, test oracle) and Triton kernels for CUDA tensors."""
+"""Dequantization kernels: a torch reference (CPU path, test oracle) and Triton kernels for CUDA tensors.
 
-from nwcfmt.kernels.reference import dequantize, dequantize_packed, pack_codes, row_bytes, unpack_codes
+:func:`dequantize_packed` runs the Triton kernels (:mod:`nwcfmt.kernels.triton_dequant`) when the packed codes
+are on a CUDA device and triton imports, and the torch reference otherwise; both give the same bits. triton is
+imported lazily, on the first CUDA call: ``import nwcfmt`` never imports it.
 
-__all__ = ["dequantize", "dequantize_packed", "pack_codes", "row_bytes", "unpack_codes"]
+The environment variable ``NWC_KERNELS`` (read on every call) chooses:
+
+* ``auto`` (default): Triton for CUDA tensors where possible. If triton does not import, or a kernel fails to
+  compile or launch, a warning is logged once and the reference is used from then on.
+* ``reference``: always the torch reference.
+* ``triton``: Triton for CUDA tensors, and an error instead of any fallback (CPU tensors still use the reference).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from types import ModuleType
+
+import torch
+
+from nwcfmt.kernels import reference
+from nwcfmt.kernels.reference import dequantize, pack_codes, row_bytes, unpack_codes
+
+__all__ = ["backend_for", "dequantize", "dequantize_packed", "kernel_mode", "pack_codes", "row_bytes", "unpack_codes"]
+
+ENV_VAR = "NWC_KERNELS"
+MODES = ("auto", "reference", "triton")
+log = logging.getLogger(__name__)
+_triton_broken: str | None = None  # set once Triton failed in "auto" mode: later calls use the reference
+
+
+def kernel_mode() -> str:
+    """The ``NWC_KERNELS`` setting: ``auto`` (default), ``reference`` or ``triton``."""
+    mode = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+@functools.cache
+def _triton_module() -> ModuleType | str:
+    """The Triton kernel module, or why it cannot be imported."""
+    try:
+        from nwcfmt.kernels import triton_dequant
+    except Exception as exc:  # ImportError, or a broken triton install
+        return f"{type(exc).__name__}: {exc}"
+    return triton_dequant
+
+
+def backend_for(device: torch.device | str) -> str:
+    """``"triton"`` or ``"reference"``: what :func:`dequantize_packed` uses for tensors on ``device``."""
+    mode = kernel_mode()
+    if torch.device(device).type != "cuda" or mode == "reference" or (mode == "auto" and _triton_broken):
+        return "reference"
+    module = _triton_module()
+    if isinstance(module, str):
+        if mode == "triton":
+            raise RuntimeError(f"{ENV_VAR}=triton but triton cannot be imported ({module})")
+        _disable_triton(f"triton cannot be imported ({module})")
+        return "reference"
+    return "triton"
+
+
+def _disable_triton(reason: str) -> None:
+    global _triton_broken
+    if _triton_broken is None:
+        log.warning("nwcfmt: Triton dequantization disabled, using the torch reference: %s", reason)
+        _triton_broken = reason
+
+
+def dequantize_packed(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | int,
+    bits: int,
+    group_size: int,
+    cols: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``[rows, row_bytes]`` packed codes -> ``[rows, cols]`` ``(code - zero) * scale`` in ``out_dtype``.
+
+    Same contract and bits as :func:`nwcfmt.kernels.reference.dequantize_packed`; see the module docstring for
+    which implementation runs.
+    """
+    if backend_for(packed.device) == "triton":
+        kernels = _triton_module()
+        assert not isinstance(kernels, str)
+        reason = kernels.unsupported_reason(packed, scale, zero, bits, group_size, cols, out_dtype)
+        if reason is None:
+            if kernel_mode() == "triton":
+                return kernels.dequantize_packed(packed, scale, zero, bits, group_size, cols, out_dtype)
+            try:
+                return kernels.dequantize_packed(packed, scale, zero, bits, group_size, cols, out_dtype)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a compiler or driver problem: degrade to the reference, once
+                _disable_triton(f"{type(exc).__name__}: {exc}")
+        elif kernel_mode() == "triton":
+            raise ValueError(f"{ENV_VAR}=triton but the Triton kernels do not support {reason}")
+        else:
+            log.debug("nwcfmt: torch reference dequantization (%s)", reason)
+    return reference.dequantize_packed(packed, scale, zero, bits, group_size, cols, out_dtype)
