@@ -22,7 +22,9 @@ OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def available(out_dtype: torch.dtype) -> bool:
-    return _cpu_native is not None and out_dtype in OUT_KINDS and os.environ.get("NWC_NATIVE", "1") != "0"
+    """Built, enabled (``NWC_NATIVE`` is not 0 and ``NWC_KERNELS`` is not ``reference``) and for this dtype."""
+    enabled = os.environ.get("NWC_NATIVE", "1") != "0" and os.environ.get("NWC_KERNELS", "auto") != "reference"
+    return _cpu_native is not None and out_dtype in OUT_KINDS and enabled
 
 
 def dequantize_packed(

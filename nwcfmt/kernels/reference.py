@@ -37,6 +37,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be in {SUPPORTED_BITS}")
     rows, cols = codes.shape
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+        raise ValueError(f"codes must be in [0, {(1 << bits) - 1}] for {bits}-bit packing")
     group_bytes, group_codes = _word_geometry(bits)
     n_groups = math.ceil(cols / group_codes)
     wide = _word_dtype(group_bytes)
