@@ -7,8 +7,9 @@
 Protocol: ``nwc eval``'s (SmolLM2 fp32 folder from ``nwcfmt.data``, the evaluation text, the first
 ``--windows`` windows of 2048 tokens). Each configuration is encoded with ``nwc``'s own code path (every
 Linear of the decoder layers quantized; embeddings, norms and the tied ``lm_head`` stay raw), evaluated from
-the NWC folder, and, without the clipping search, cross-checked against an independent fake quantization
-of the same weights (``nwcfmt.eval.fakequant`` with fp16 scales): both perplexities must be equal.
+the NWC folder, and, without the clipping search and for ``--cross-check-groups`` (default: per channel and
+g128), cross-checked against an independent fake quantization of the same weights
+(``nwcfmt.eval.fakequant`` with fp16 scales): both perplexities must be equal.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="only 4-bit and 3-bit g128")
     parser.add_argument("--no-clip", action="store_true", help="skip the clipping-search variants")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument(
+        "--cross-check-groups",
+        type=int,
+        nargs="*",
+        default=[0, 128],
+        help="group sizes (0: per channel) whose configs are cross-checked against fake quantization",
+    )
     args = parser.parse_args(argv)
 
     src = data.smollm2_dir("float32")
@@ -70,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 encode_model(src, folder, policy)
                 encode_s = time.perf_counter() - start
                 record = evaluate_folder(folder, text=text, windows=args.windows)
-                fake = None if clip else fake_quant_perplexity(src, bits, group, text.text, args.windows)
+                cross_check = not clip and group in args.cross_check_groups
+                fake = fake_quant_perplexity(src, bits, group, text.text, args.windows) if cross_check else None
                 row = {
                     "config": label(bits, group) + (" +clip" if clip else ""),
                     "ppl": record.value,
