@@ -236,6 +236,119 @@ def verify(path, quiet) -> None:
         click.echo(f"ok: {len(summary.tensors)} tensors verified in {path}")
 
 
+@cli.command("eval")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--compare", is_flag=True, help="Evaluate every MODEL given and print one table (ratios vs the first).")
+@click.option(
+    "--text",
+    "text_spec",
+    default="sotu-eval",
+    show_default=True,
+    metavar="FILE|sotu-eval",
+    help="UTF-8 text file, or the project's evaluation text (State of the Union speeches from 2000 on).",
+)
+@click.option("--windows", type=click.IntRange(min=1), default=8, show_default=True, help="Windows scored.")
+@click.option("--seqlen", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens per window.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Windows per forward pass.")
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Original model folder; required for encoders (scored by embedding cosine against it).",
+)
+@click.option("--sentences", type=click.IntRange(min=1), default=256, show_default=True, help="Encoders: sentences.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (a list with --compare).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG: metric vs bits/weight.")
+@click.option("--no-save", is_flag=True, help="Do not record results in NWC folders' nwc_eval.json.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def eval_(
+    models, compare, text_spec, windows, seqlen, batch, reference, sentences, as_json, plot_path, no_save, quiet
+) -> None:
+    """Perplexity (causal LMs) or embedding cosine vs --reference (encoders), with bits per weight.
+
+    MODELS are plain Hugging Face folders or NWC folders. The protocol is fixed and documented in
+    nwcfmt/eval/perplexity.py (default: first 8 windows of 2048 tokens, no BOS, fp32 on CPU). Results for an
+    NWC folder are also recorded in <folder>/nwc_eval.json unless --no-save.
+    """
+    from tqdm import tqdm
+
+    from nwcfmt.errors import InputError
+    from nwcfmt.eval.loading import folder_kind
+    from nwcfmt.eval.report import evaluate_folder, format_table, plot_records, resolve_text, save_eval_json
+
+    if len(models) > 1 and not compare:
+        raise InputError(f"{len(models)} models given: use --compare to evaluate several")
+    kinds = [folder_kind(folder) for folder in models]  # fail fast, before any model is loaded
+    if "encoder" in kinds and reference is None:
+        encoder = models[kinds.index("encoder")]
+        raise InputError(f"{encoder}: an encoder is scored by embedding cosine against its original: pass --reference")
+    if reference is not None and "encoder" not in kinds:
+        raise InputError("--reference is used only for encoders; compare causal LMs with --compare")
+    text = resolve_text(text_spec)
+    records = []
+    for folder, kind in zip(models, kinds, strict=True):
+        bars: list = []  # the bar starts with the first window, once the model is loaded
+
+        def progress(done: int, bars: list = bars, folder: Path = folder) -> None:
+            if not bars:
+                bars.append(
+                    tqdm(total=windows, desc=f"eval {folder.name}", unit="window", disable=quiet, file=sys.stderr)
+                )
+            bars[0].update(done - bars[0].n)
+
+        try:
+            record = evaluate_folder(
+                folder,
+                text=text,
+                windows=windows,
+                seqlen=seqlen,
+                batch=batch,
+                reference=reference,
+                sentences=sentences,
+                progress=progress if kind == "causal-lm" else None,
+            )
+        finally:
+            for bar in bars:
+                bar.close()
+        if record.is_nwc and not no_save:
+            try:
+                record.extra["saved_to"] = str(save_eval_json(record))
+            except OSError as exc:  # a read-only folder: the measurement itself is still reported
+                click.echo(f"nwc: warning: cannot record results in {folder}: {exc.strerror or exc}", err=True)
+        records.append(record)
+    if plot_path is not None:
+        plot_records(records, plot_path)
+    if as_json:
+        docs = [r.to_json() for r in records]
+        click.echo(json.dumps(docs if compare else docs[0], indent=2))
+        return
+    if compare:
+        click.echo(format_table(records))
+    else:
+        r = records[0]
+        d = r.details
+        if r.metric == "perplexity":
+            what = (
+                f"perplexity {r.value:.4f} on {r.text['name']}: {d['windows']} windows x {d['seqlen']} tokens "
+                f"({d['tokens_scored']} scored)"
+            )
+        else:
+            what = (
+                f"mean cosine {r.value:.6f} (min {d['min_cosine']:.6f}) vs {r.reference} over {d['sentences']} "
+                f"sentences of {r.text['name']}"
+            )
+        linear = "-" if r.bits_linear is None else f"{r.bits_linear:.3f}"
+        click.echo(f"{r.folder} ({r.kind}{', NWC' if r.is_nwc else ''}): {what}")
+        click.echo(f"bits/weight: {r.bits_all:.3f} all tensors, {linear} Linear weights")
+        click.echo(f"time: load {r.load_seconds:.1f} s, eval {r.eval_seconds:.1f} s")
+    for r in records:
+        if "saved_to" in r.extra:
+            click.echo(f"saved {r.extra['saved_to']}", err=True)
+    if plot_path is not None:
+        click.echo(f"plot: {plot_path}", err=True)
+
+
 def main() -> None:
     cli(prog_name="nwc")
 
