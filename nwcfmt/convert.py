@@ -124,10 +124,14 @@ class _ShardedNwcWriter:
             writer.abort()
 
 
+# Files that describe one set of weights and must not follow the weights through a conversion.
+WEIGHT_SPECIFIC = ("config.json", "nwc_eval.json")  # config.json is rewritten; eval results would be stale
+
+
 def _copy_companions(src: Path, dst: Path) -> None:
-    """Copy tokenizer, generation config and other non-weight files (config.json is rewritten separately)."""
+    """Copy tokenizer, generation config and other non-weight files."""
     for item in src.iterdir():
-        if item.name.startswith(".") or item.name == "config.json":
+        if item.name.startswith(".") or item.name in WEIGHT_SPECIFIC:
             continue
         if item.is_file() and (item.suffix in WEIGHT_SUFFIXES or item.name in INDEX_NAMES):
             continue
