@@ -164,8 +164,9 @@ def test_verify_names_the_corrupt_tensor(tiny_llama_dir, tmp_path):
     ],
 )
 def test_errors_are_one_line(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "-m", "nwcfmt.cli.main", *args], capture_output=True, text=True,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nwcfmt.cli.main", *args], capture_output=True, text=True, cwd=tmp_path
+    )
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
@@ -191,11 +192,15 @@ def test_sigkill_mid_write_leaves_no_output(tmp_path):
     src = tmp_path / "big"
     src.mkdir()
     g = torch.Generator().manual_seed(0)
-    save_file({f"layers.{i}.weight": torch.randn(2048, 4096, generator=g).bfloat16() for i in range(12)},
-              src / "model.safetensors")
+    save_file(
+        {f"layers.{i}.weight": torch.randn(2048, 4096, generator=g).bfloat16() for i in range(12)},
+        src / "model.safetensors",
+    )
     dst = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "nwcfmt.cli.main", "encode", str(src), "-o", str(dst), "-q"],
-                            env={**os.environ, "NWC_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nwcfmt.cli.main", "encode", str(src), "-o", str(dst), "-q"],
+        env={**os.environ, "NWC_THREADS": "1"},
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until payload bytes are being written
         partial = [p for p in tmp_path.rglob("*.data.tmp") if p.stat().st_size > 1 << 20]
