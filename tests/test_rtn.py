@@ -80,29 +80,33 @@ def test_error_falls_with_bits_and_clip_search_never_hurts(tmp_path):
     w = torch.distributions.Laplace(0.0, 0.02).sample((128, 512))  # heavy tails: clipping pays off
     errors = {}
     for bits in (2, 3, 4, 8):
-        for clip in (False, True):
-            out, reader = roundtrip(tmp_path, w, bits=bits, group_size=128, clip_search=clip)
-            errors[bits, clip] = ((out - w) ** 2).sum().item()
+        for clip in (None, "mse", "weighted"):
+            config = {"clip_search": True, "clip_metric": clip} if clip else {}
+            out, reader = roundtrip(tmp_path, w, bits=bits, group_size=128, **config)
+            errors[bits, clip, "mse"] = ((out - w) ** 2).sum().item()
+            errors[bits, clip, "weighted"] = (w**2 * (out - w) ** 2).sum().item()
             reader.close()
-    assert errors[2, False] > errors[3, False] > errors[4, False] > errors[8, False]
-    for bits in (2, 3, 4, 8):
-        assert errors[bits, True] <= errors[bits, False] * (1 + 1e-6)
-    assert errors[2, True] < 0.9 * errors[2, False]
+    assert errors[2, None, "mse"] > errors[3, None, "mse"] > errors[4, None, "mse"] > errors[8, None, "mse"]
+    for bits in (2, 3, 4, 8):  # each criterion never increases the error it minimises
+        for metric in ("mse", "weighted"):
+            assert errors[bits, metric, metric] <= errors[bits, None, metric] * (1 + 1e-6)
+    assert errors[2, "mse", "mse"] < 0.9 * errors[2, None, "mse"]
 
 
-def test_clip_search_is_per_group_optimal_over_its_grid():
-    codec = RtnCodec(bits=3, group_size=64, clip_search=True, clip_steps=10)
+@pytest.mark.parametrize("metric", ["weighted", "mse"])
+def test_clip_search_is_per_group_optimal_over_its_grid(metric):
+    codec = RtnCodec(bits=3, group_size=64, clip_search=True, clip_steps=10, clip_metric=metric)
     w = torch.randn(8, 256) * 0.02
     layout = codec.layout(w)
     codes, scale, zero = codec.quantize(w, layout)
     from nwcfmt.codecs.rtn import group_error, grouped_view, quantize_groups
 
     grouped, mask = grouped_view(w, layout)
-    chosen = group_error(grouped, mask, grouped_view(codes.float(), layout)[0], scale, zero.float())
+    chosen = group_error(grouped, mask, grouped_view(codes.float(), layout)[0], scale, zero.float(), metric)
     lo, hi = grouped.amin(-1).clamp(max=0), grouped.amax(-1).clamp(min=0)
     for ratio in torch.linspace(1.0, 0.5, 11).tolist():
         c, s, z = quantize_groups(grouped, lo * ratio, hi * ratio, 3, False, "float16")
-        assert (chosen <= group_error(grouped, mask, c, s, z) + 1e-12).all()
+        assert (chosen <= group_error(grouped, mask, c, s, z, metric) + 1e-12).all()
 
 
 def test_entropy_stage_is_lossless_and_reported(tmp_path):

@@ -6,7 +6,10 @@ scale)``. Symmetric: ``scale = max|w| / (2**(bits-1) - 1)``, implicit zero ``2**
 computed with the scale *as stored* (rounded to fp16/bf16), so the encoder and every decoder agree.
 
 ``clip_search`` (data-free) tries shrinking each group's range by factors from 1 down to ``clip_min`` and
-keeps, per group, the factor with the smallest squared reconstruction error.
+keeps, per group, the factor with the smallest reconstruction error. The default ``clip_metric="weighted"``
+weighs each value's squared error by ``w**2``: large weights dominate a layer's output, and plain MSE
+("mse") clips them away. Measured on SmolLM2 (8 windows): plain min-max 4-bit g128 29.330, MSE clipping
+32.53, weighted clipping 29.281; 3-bit per-channel 544.5 / 2814 / 226.5.
 """
 
 from __future__ import annotations
@@ -62,20 +65,39 @@ def quantize_groups(
     return codes, scale, zero
 
 
-def group_error(w, mask, codes, scale, zero) -> torch.Tensor:
-    """Squared reconstruction error per group (padding excluded), computed like the decoder does."""
+CLIP_METRICS = ("weighted", "mse")
+
+
+def group_error(w, mask, codes, scale, zero, metric: str = "mse") -> torch.Tensor:
+    """Reconstruction error per group (padding excluded), computed like the decoder does.
+
+    ``mse``: the sum of squared errors; ``weighted``: each squared error weighed by ``w**2``.
+    """
     w_hat = (codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
-    return ((w - w_hat) ** 2 * mask).sum(-1)
+    err = (w - w_hat) ** 2 * mask
+    return (err * w * w if metric == "weighted" else err).sum(-1)
 
 
 @register_codec
 class RtnCodec(GroupQuantCodec):
-    """Round to nearest. Config: the shared quantizer config plus ``clip_search``, ``clip_min``, ``clip_steps``."""
+    """Round to nearest. Config: the shared quantizer config plus ``clip_search``, ``clip_min``, ``clip_steps``,
+    ``clip_metric``."""
 
     codec_id = "rtn"
 
-    def __init__(self, *, clip_search: bool = False, clip_min: float = 0.5, clip_steps: int = 20, **config: Any):
+    def __init__(
+        self,
+        *,
+        clip_search: bool = False,
+        clip_min: float = 0.5,
+        clip_steps: int = 20,
+        clip_metric: str = "weighted",
+        **config: Any,
+    ):
         super().__init__(**config)
+        if clip_metric not in CLIP_METRICS:
+            raise EncodeError(f"clip_metric must be one of {', '.join(CLIP_METRICS)}")
+        self.clip_metric = clip_metric
         if self.symmetric and self.bits < 2:
             raise EncodeError("symmetric quantization needs at least 2 bits")
         if not 0 < clip_min <= 1 or clip_steps < 1:
@@ -83,7 +105,10 @@ class RtnCodec(GroupQuantCodec):
         self.clip_search, self.clip_min, self.clip_steps = clip_search, clip_min, clip_steps
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "clip_search": self.clip_search}
+        clip = {"clip_search": self.clip_search}
+        if self.clip_search:
+            clip["clip_metric"] = self.clip_metric
+        return {**super().get_config(), **clip}
 
     def quantize(self, weight: torch.Tensor, layout: QuantLayout):
         if not bool(torch.isfinite(weight).all()):
@@ -95,10 +120,10 @@ class RtnCodec(GroupQuantCodec):
         args = (self.bits, self.symmetric, self.scale_dtype)
         codes, scale, zero = quantize_groups(w, lo, hi, *args)
         if self.clip_search:
-            best = group_error(w, mask, codes, scale, zero)
+            best = group_error(w, mask, codes, scale, zero, self.clip_metric)
             for ratio in torch.linspace(1.0, self.clip_min, self.clip_steps + 1)[1:].tolist():
                 c, s, z = quantize_groups(w, lo * ratio, hi * ratio, *args)
-                err = group_error(w, mask, c, s, z)
+                err = group_error(w, mask, c, s, z, self.clip_metric)
                 better = err < best
                 best = torch.where(better, err, best)
                 codes = torch.where(better.unsqueeze(-1), c, codes)
