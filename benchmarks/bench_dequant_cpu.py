@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             "NwcReader.decode (CRC off)": best_of(lambda: reader.decode("w", verify=False), args.repeat),
         }
         if cpu.available(torch.bfloat16):
-            timings["native kernel"] = best_of(lambda: cpu.dequantize_packed(*kernel_args), args.repeat)
+            timings["native kernel (fresh output)"] = best_of(lambda: cpu.dequantize_packed(*kernel_args), args.repeat)
+            out = torch.empty(layout.rows, layout.cols, dtype=torch.bfloat16)
+            timings["native kernel (preallocated output)"] = best_of(
+                lambda: cpu.dequantize_packed(*kernel_args, out=out), args.repeat
+            )
         reader.close()
 
     print(f"== CPU dequantization: {args.rows}x{args.cols}, {args.bits}-bit, group {args.group_size} -> bf16 ==")
@@ -87,9 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'method':40s} {'ms':>8s} {'GB/s out':>9s} {'vs memcpy':>10s}")
     for name, seconds in timings.items():
         print(f"{name:40s} {seconds * 1e3:8.2f} {out_bytes / seconds / 1e9:9.2f} {memcpy / seconds:10.3f}")
-    ratio = memcpy / timings["NwcReader.decode (CRC on)"]
-    verdict = "MET" if ratio >= GOAL else "NOT MET"
-    print(f"goal: decode path >= {GOAL} of memcpy bandwidth -> {ratio:.3f} {verdict}")
+    fresh = timings["memcpy (torch clone, fresh output)"]
+    for what, seconds, baseline, base_name in (
+        ("decode path", timings["NwcReader.decode (CRC on)"], memcpy, "preallocated copy"),
+        ("decode path", timings["NwcReader.decode (CRC on)"], fresh, "copy into fresh memory, as a decode must"),
+        (
+            "kernel, preallocated",
+            timings.get("native kernel (preallocated output)", float("inf")),
+            memcpy,
+            "preallocated copy",
+        ),
+    ):
+        ratio = baseline / seconds
+        print(f"goal >= {GOAL}: {what} vs {base_name}: {ratio:.3f} {'MET' if ratio >= GOAL else 'NOT MET'}")
     return 0
 
 

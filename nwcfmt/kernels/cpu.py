@@ -35,10 +35,17 @@ def dequantize_packed(
     group_size: int,
     cols: int,
     out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as :func:`nwcfmt.kernels.reference.dequantize_packed`, for CPU tensors."""
+    """Same contract as :func:`nwcfmt.kernels.reference.dequantize_packed`, for CPU tensors.
+
+    ``out`` (a contiguous ``[rows, cols]`` tensor of ``out_dtype``) is written instead of a new tensor.
+    """
     rows = packed.shape[0]
-    out = torch.empty(rows, cols, dtype=out_dtype)
+    if out is None:
+        out = torch.empty(rows, cols, dtype=out_dtype)
+    elif out.shape != (rows, cols) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {out_dtype} tensor of shape {(rows, cols)}")
     out_buf = out.view(torch.int16 if out_dtype != torch.float32 else torch.float32).numpy()
     packed_buf = packed.contiguous().numpy()
     scale_f32 = scale.to(torch.float32).contiguous()
