@@ -243,12 +243,10 @@ class GroupQuantCodec(Codec):
 
     @classmethod
     def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        from nwcfmt.kernels import cpu, dequantize_packed
+        from nwcfmt.kernels import dequantize_packed  # picks Triton, the native CPU kernel or the reference
 
         layout = layout_of(record)
         out_dtype = DTYPE_NAMES[record.dtype]
-        if device.type == "cpu" and cpu.available(out_dtype):
-            dequantize_packed = cpu.dequantize_packed
         _check_scale_and_zero(record, segments, layout)  # on the CPU copies, before anything moves to the device
         packed = cls.packed_codes(record, segments).to(device)  # packed bytes cross to the device, not floats
         scale = segments[SCALE_SEGMENT].to(device)

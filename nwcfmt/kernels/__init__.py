@@ -1,15 +1,17 @@
-"""Dequantization kernels: a torch reference (CPU path, test oracle) and Triton kernels for CUDA tensors.
+"""Dequantization kernels: a torch reference (the test oracle), a native CPU kernel and Triton kernels for CUDA.
 
 :func:`dequantize_packed` runs the Triton kernels (:mod:`nwcfmt.kernels.triton_dequant`) when the packed codes
-are on a CUDA device and triton imports, and the torch reference otherwise; both give the same bits. triton is
+are on a CUDA device and triton imports, the native CPU kernel (:mod:`nwcfmt.kernels.cpu`, an optional C
+extension; ``NWC_NATIVE=0`` turns it off) for CPU tensors when it was built, and the torch reference
+otherwise; all give the same bits. triton is
 imported lazily, on the first CUDA call: ``import nwcfmt`` never imports it.
 
 The environment variable ``NWC_KERNELS`` (read on every call) chooses:
 
 * ``auto`` (default): Triton for CUDA tensors where possible. If triton does not import, or a kernel fails to
   compile or launch, a warning is logged once and the reference is used from then on.
-* ``reference``: always the torch reference.
-* ``triton``: Triton for CUDA tensors, and an error instead of any fallback (CPU tensors still use the reference).
+* ``reference``: always the torch reference (the native CPU kernel too is off).
+* ``triton``: Triton for CUDA tensors, and an error instead of any fallback (CPU tensors as with ``auto``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-from nwcfmt.kernels import reference
+from nwcfmt.kernels import cpu, reference
 from nwcfmt.kernels.reference import dequantize, pack_codes, row_bytes, unpack_codes
 
 __all__ = ["backend_for", "dequantize", "dequantize_packed", "kernel_mode", "pack_codes", "row_bytes", "unpack_codes"]
@@ -102,4 +104,6 @@ def dequantize_packed(
             raise ValueError(f"{ENV_VAR}=triton but the Triton kernels do not support {reason}")
         else:
             log.debug("nwcfmt: torch reference dequantization (%s)", reason)
+    if packed.device.type == "cpu" and cpu.available(out_dtype):  # the optional native CPU kernel, same bits
+        return cpu.dequantize_packed(packed, scale, zero, bits, group_size, cols, out_dtype)
     return reference.dequantize_packed(packed, scale, zero, bits, group_size, cols, out_dtype)
