@@ -109,19 +109,22 @@ def test_iteration_zero_is_rtn(block_data):
         assert torch.equal(results[name].zero, zero)
 
 
-def test_result_decodes_exactly_to_the_trained_weight(block_data):
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric"), [(3, 100, False), (4, 0, True), (4, -1, False), (2, 64, False)]
+)
+def test_result_decodes_exactly_to_the_trained_weight(block_data, bits, group_size, symmetric):
     _, linears, _ = block_data
-    codec = FlexRoundCodec(bits=3, group_size=64)  # grouped, with a trained-looking divisor
+    codec = FlexRoundCodec(bits=bits, group_size=group_size, symmetric=symmetric)  # 1536 % 100: partial groups
     rounding = FlexRoundRounding(linears["mlp.down_proj"].weight, codec)
-    with torch.no_grad():
+    with torch.no_grad():  # a trained-looking state
         rounding.s2.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
         rounding.log_s1.add_(0.05)
     w_hat = rounding()[0].detach()
     result = rounding.result()
+    assert (result.zero is None) == symmetric
     assert torch.equal(dequantize_result(result, rounding.layout), w_hat)
-    assert not torch.equal(
-        result.codes, RtnCodec(bits=3, group_size=64, clip_search=True).quantize(rounding.weight, rounding.layout)[0]
-    )
+    rtn = RtnCodec(bits=bits, group_size=group_size, symmetric=symmetric, clip_search=True)
+    assert not torch.equal(result.codes, rtn.quantize(rounding.weight, rounding.layout)[0])
 
 
 def test_pack_file_load_roundtrip(tmp_path, block_data, trained):

@@ -49,7 +49,7 @@ class LearnedRoundingCodec(GroupQuantCodec):
         *,
         iters: int = 200,
         lr: float = 3e-3,
-        batch_size: int = 2,
+        batch_size: int = 1,
         clip_search: bool = True,
         seed: int = 0,
         **config: Any,
