@@ -371,3 +371,52 @@ def test_cli_refuses_unsupported_architectures(test_method, tmp_path, arch):
     assert result.exit_code == 1
     assert result.stderr.startswith(f"nwc: error: {expected}") and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and not resume_dir(tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------- real codecs, end to end
+
+
+@pytest.mark.parametrize(
+    ("codec", "params"),
+    [
+        ("gptq", ["act_order=true"]),
+        ("flexround", ["iters=4"]),
+        ("lrq", ["iters=4", "rank=4"]),
+    ],
+)
+def test_calibrated_codecs_encode_verify_and_load_with_from_pretrained(llama_dir, text, tmp_path, codec, params):
+    """`nwc encode --codec gptq|flexround|lrq` writes a folder that verifies, decodes through the shared quant
+    layout, and loads with `from_pretrained` to exactly the `nwc decode` weights."""
+    from transformers import AutoModelForCausalLM
+
+    import nwcfmt  # noqa: F401  (registers the quantizer)
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text)
+    out, decoded = tmp_path / "out", tmp_path / "decoded"
+    args = ["encode", llama_dir, "-o", out, "--codec", codec, "--bits", 3, "--group-size", GROUP, "-q"]
+    args += ["--calib", calib, "--calib-samples", 8, "--calib-seqlen", 32]
+    for param in params:
+        args += ["--param", param]
+    result = _nwc(*args)
+    assert result.exit_code == 0, result.stderr
+    assert _nwc("verify", out).exit_code == 0
+    assert _nwc("decode", out, "-o", decoded, "-q").exit_code == 0
+
+    info = _nwc("info", out, "--json")
+    assert info.exit_code == 0
+    tensors = {t["name"]: t for t in json.loads(info.stdout)["tensors"]}
+    assert tensors["model.layers.0.mlp.down_proj.weight"]["codec"] == codec
+    assert sum(t["codec"] == codec for t in tensors.values()) == 21  # every Linear of the 3 blocks
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    reference = AutoModelForCausalLM.from_pretrained(decoded)
+    state, ref_state = model.state_dict(), reference.state_dict()
+    assert state.keys() == ref_state.keys()
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    # the decoded weight is on a 3-bit grid per group of 32: at most 8 levels in each group of a row
+    weight = ref_state["model.layers.0.mlp.down_proj.weight"].float()
+    assert max(len(torch.unique(group)) for row in weight[:8] for group in row.split(GROUP)) <= 8
