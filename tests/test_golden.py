@@ -54,6 +54,7 @@ UNITS = {
         "sharded.expected.safetensors",
     ),
     "quant_layout": (["quant_layout.safetensors"], "quant_layout.expected.safetensors"),
+    "quant_ids": (["quant_ids.safetensors"], "quant_ids.expected.safetensors"),
     "rtn": (["rtn.safetensors"], "rtn.expected.safetensors"),
     # megabytes of decoded values (packed codes above 2^20 bytes): the expected file is stored zstd-compressed
     "rtn_zstd_chunks": (["rtn_zstd_chunks.safetensors"], "rtn_zstd_chunks.expected.safetensors.zst"),
@@ -240,7 +241,7 @@ def spec_decode_lossless(dtype: str, n: int, chunk_elems: int, data: bytes, inde
 
 # ---------------------------------------------------------------------------------- quantized layout (quant.md)
 
-QUANT_CODECS = {"rtn"}  # codec ids that use the integer-code layout                       [quant.md 1]
+QUANT_CODECS = {"rtn", "gptq", "flexround", "lrq"}  # codec ids of the integer-code layout     [quant.md 1]
 QUANT_DTYPES = ("float32", "float16", "bfloat16")
 # scale_dtype -> (safetensors dtype, largest valid bit pattern: the largest finite positive value)   [quant.md 4.2]
 QUANT_SCALES = {"float16": ("F16", 0x7BFF), "bfloat16": ("BF16", 0x7F7F)}
@@ -593,10 +594,11 @@ SMALLEST_NORMAL = {"float32": 2.0**-126, "float16": 2.0**-14, "bfloat16": 2.0**-
 def test_quant_golden_files_cover_the_spec():
     """The quantized golden files exercise every param, width, grouping, chunking and arithmetic corner."""
     seen = set()
-    for unit in ("quant_layout", "rtn", "rtn_zstd_chunks"):
+    for unit in ("quant_layout", "quant_ids", "rtn", "rtn_zstd_chunks"):
         for rel in UNITS[unit][0]:
             for rec, seg in _records(rel):
                 assert rec["codec"] in QUANT_CODECS
+                seen.add(("codec", rec["codec"]))
                 view = spec_quant_view(rec)
                 group_size = rec["params"]["group_size"]
                 seen |= {
@@ -606,7 +608,7 @@ def test_quant_golden_files_cover_the_spec():
                     ("dtype", rec["dtype"]),
                     ("rank", len(rec["shape"])),
                     ("entropy", view.entropy),
-                    ("encoder", "rtn" if "clip_search" in rec["params"] else "hand-built"),
+                    ("encoder", "rtn" if rec["codec"] == "rtn" and "clip_search" in rec["params"] else "hand-built"),
                 }
                 if rec["params"].get("clip_search"):
                     seen.add("clip search")
@@ -656,7 +658,7 @@ def test_quant_golden_files_cover_the_spec():
                     "-0 by underflow": (out == 0) & np.signbit(out),
                 }
                 seen |= {("arith", rec["dtype"], kind) for kind, mask in kinds.items() if mask.any()}
-    wanted = {("bits", b) for b in range(1, 9)}
+    wanted = {("bits", b) for b in range(1, 9)} | {("codec", c) for c in QUANT_CODECS}
     wanted |= {("symmetric", True), ("symmetric", False), ("scale", "float16"), ("scale", "bfloat16")}
     wanted |= {("dtype", d) for d in QUANT_DTYPES} | {("rank", 1), ("rank", 2), ("rank", 3)}
     wanted |= {("entropy", "none"), ("entropy", "zstd"), ("encoder", "rtn"), ("encoder", "hand-built")}

@@ -30,6 +30,9 @@ from safetensors.torch import save, save_file
 
 import nwcfmt
 from nwcfmt import NwcWriter
+from nwcfmt.codecs.flexround import FlexRoundCodec
+from nwcfmt.codecs.gptq import GptqCodec
+from nwcfmt.codecs.lrq import LrqCodec
 from nwcfmt.codecs.quant import GroupQuantCodec
 
 HERE = Path(__file__).resolve().parent
@@ -267,12 +270,15 @@ def write_codes(
     bits: int,
     group_size: int,
     scale_dtype: str = "float16",
+    codec_class: type[GroupQuantCodec] = HandBuilt,
+    **config,
 ) -> None:
     """Append a record holding exactly ``codes`` ([rows, cols]), the scale bit patterns and the zeros.
 
-    Symmetric when ``zero`` is None. ``scale_words`` and ``zero`` are [scale_rows, n_groups].
+    Symmetric when ``zero`` is None. ``scale_words`` and ``zero`` are [scale_rows, n_groups]. ``codec_class``
+    (and its extra ``config``) gives the codec id and the params its encoder records.
     """
-    codec = HandBuilt(bits=bits, group_size=group_size, symmetric=zero is None, scale_dtype=scale_dtype)
+    codec = codec_class(bits=bits, group_size=group_size, symmetric=zero is None, scale_dtype=scale_dtype, **config)
     like = torch.empty(shape, dtype=dtype)
     layout = codec.layout(like)
     codes = torch.as_tensor(np.asarray(codes, dtype=np.int64)).reshape(layout.rows, layout.cols)
@@ -368,6 +374,29 @@ def build_quant_layout(path: Path) -> dict[str, torch.Tensor]:
     return decode_all(path)
 
 
+def build_quant_ids(path: Path) -> dict[str, torch.Tensor]:
+    """The calibrated codec ids of quant.md section 1 (gptq, flexround, lrq) with the params their encoders
+    record: the same layout as rtn, so the same codes, scales and zeros decode to the same values."""
+    example = dict(
+        shape=(2, 6), dtype=torch.float16, codes=[[3, 12, 0, 15, 7, 9], [15, 14, 1, 2, 8, 8]],
+        scale_words=[[0x3400, 0x3800], [0x2E66, 0x3E00]], zero=[[8, 3], [1, 15]], bits=4, group_size=4,
+    )  # fmt: skip
+    codes3 = [[(5 * i + r) % 8 for i in range(10)] for r in range(3)]
+    with NwcWriter(path) as w:
+        for codec_class, config in (
+            (GptqCodec, {"act_order": True}),
+            (FlexRoundCodec, {}),
+            (LrqCodec, {"rank": 8}),
+        ):
+            codec_id = codec_class.codec_id
+            write_codes(w, f"{codec_id}.example.w4", **example, codec_class=codec_class, **config)
+            # 3 bits per channel, bfloat16 scales, bfloat16 tensor; symmetric (implicit zero 4) for gptq
+            zero = None if codec_class is GptqCodec else [[0], [7], [4]]
+            write_codes(w, f"{codec_id}.w3", (3, 10), torch.bfloat16, codes3, [[0x3C80], [0x3B00], [0x3D20]], zero,
+                        bits=3, group_size=0, scale_dtype="bfloat16", codec_class=codec_class, **config)  # fmt: skip
+    return decode_all(path)
+
+
 def weights(seed: str, shape: tuple[int, ...], dtype: torch.dtype, std: float = 0.02) -> torch.Tensor:
     return f32(gaussian_f32_bits(seed, math.prod(shape), std)).reshape(shape).to(dtype)
 
@@ -432,6 +461,7 @@ BUILDERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
     "lossless_fp32.safetensors": build_lossless_fp32,
     "sharded": build_sharded,  # a folder
     "quant_layout.safetensors": build_quant_layout,
+    "quant_ids.safetensors": build_quant_ids,
     "rtn.safetensors": build_rtn,
     "rtn_zstd_chunks.safetensors": build_rtn_zstd_chunks,
 }
