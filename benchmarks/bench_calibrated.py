@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from nwcfmt import data
+from nwcfmt.calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_batches
 
 HERE = Path(__file__).resolve().parent
 CONFIGS: dict[str, tuple[int, int]] = {"4g128": (4, 128), "4pc": (4, 0), "3g128": (3, 128), "3pc": (3, 0)}
@@ -166,29 +167,13 @@ def linear_bits_from_info(folder: Path, linears: list[str]) -> tuple[float, dict
 
 
 def calibration_tokens(src: Path, samples: int, seqlen: int, path: Path) -> Path:
-    """The calibration windows nwcfmt's pipeline would draw (same text, sampler and seed) as one int64 tensor."""
+    """The calibration windows nwcfmt's pipeline draws (same text, sampler and seed) as one int64 tensor."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
-    try:
-        from nwcfmt.calibration.data import calibration_batches
-    except ImportError:  # the pipeline's sampler, restated: seeded uniform window starts over the tokenized text
-        ids = torch.tensor(tokenizer(data.calib_text(), add_special_tokens=False)["input_ids"], dtype=torch.long)
-        starts = torch.randint(0, ids.numel() - seqlen + 1, (samples,), generator=torch.Generator().manual_seed(0))
-        windows = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
-    else:
-        windows = torch.cat(calibration_batches(tokenizer, samples=samples, seqlen=seqlen, batch_size=samples))
+    windows = torch.cat(calibration_batches(tokenizer, samples=samples, seqlen=seqlen, batch_size=samples))
     torch.save(windows, path)
     return path
-
-
-def calib_defaults() -> tuple[int, int]:
-    """nwcfmt's calibration defaults (windows, tokens per window); 128 x 256 when the pipeline is not there."""
-    try:
-        from nwcfmt.calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN
-    except ImportError:
-        return 128, 256
-    return DEFAULT_SAMPLES, DEFAULT_SEQLEN
 
 
 def python_has(python: str, module: str) -> str | None:
@@ -231,8 +216,7 @@ class Bench:
         return self._tokens
 
     def calib_shape(self) -> tuple[int, int]:
-        samples, seqlen = calib_defaults()
-        return self.args.calib_samples or samples, self.args.calib_seqlen or seqlen
+        return self.args.calib_samples or DEFAULT_SAMPLES, self.args.calib_seqlen or DEFAULT_SEQLEN
 
     def add(self, row: Row) -> None:
         if row.ppl is not None and self.fp_ppl:
