@@ -169,7 +169,7 @@ def quantize_llmcompressor(src: Path, out: Path, bits: int, group_size: int, tok
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM
 
-    ids = torch.load(tokens)
+    ids = torch.load(tokens, weights_only=True)
     if ids.dim() != 2 or ids.dtype != torch.long:
         raise SystemExit(f"peers: {tokens}: expected an int64 [samples, seqlen] tensor")
     samples, seqlen = ids.shape
@@ -193,6 +193,13 @@ def quantize_llmcompressor(src: Path, out: Path, bits: int, group_size: int, tok
     quantized = sorted(n for n, m in modules.items() if hasattr(m, "weight_scale"))
     if quantized != sorted(names):
         raise SystemExit(f"peers: llm-compressor quantized {len(quantized)} modules, the protocol {len(names)}")
+    # the weights llm-compressor leaves in the model, before saving compressed replaces them with packed codes
+    dense = {}
+    for name in names:
+        module = modules[name]
+        dense[name] = module.weight.detach().to(torch.float32).clone()
+        _check_fake_quant(name, dense[name], module, bits, group_size)
+    actorder = str(modules[names[0]].quantization_scheme.weights.actorder)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llmc-packed-") as packed:
         model.save_pretrained(packed, save_compressed=True)
@@ -202,7 +209,7 @@ def quantize_llmcompressor(src: Path, out: Path, bits: int, group_size: int, tok
     numel = stored = 0
     parts: dict[str, int] = {}
     for name in names:
-        numel += modules[name].weight.numel()
+        numel += dense[name].numel()
         for key, size in sizes.items():
             if key.startswith(f"{name}.weight"):
                 part = key[len(name) + 1 :]
@@ -211,10 +218,7 @@ def quantize_llmcompressor(src: Path, out: Path, bits: int, group_size: int, tok
     start = time.perf_counter()
     tensors = load_tensors(src)
     for name in names:
-        module = modules[name]
-        dense = module.weight.detach().to(torch.float32)
-        _check_fake_quant(name, dense, module, bits, group_size)
-        tensors[f"{name}.weight"] = dense.clone()
+        tensors[f"{name}.weight"] = dense[name]
     write_dense_folder(src, out, tensors)
     return {
         "peer": "llmcompressor",
@@ -225,7 +229,7 @@ def quantize_llmcompressor(src: Path, out: Path, bits: int, group_size: int, tok
             "strategy": weights.strategy.value if hasattr(weights.strategy, "value") else str(weights.strategy),
             "group_size": group_size or None,
             "symmetric": False,
-            "actorder": str(modules[names[0]].quantization_scheme.weights.actorder),
+            "actorder": actorder,
             "calib_samples": samples,
             "calib_seqlen": seqlen,
             "format": fmt,
