@@ -102,6 +102,7 @@ class Row:
     peak_rss_mb: float | None = None
     eval_s: float | None = None
     details: dict = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)  # when and where: date, CPU, cores, load average, versions
 
 
 @dataclass
@@ -192,12 +193,13 @@ def python_has(python: str, module: str) -> str | None:
 class Bench:
     """Runs the rows and keeps the results (written to ``--json`` after every row)."""
 
-    def __init__(self, args: argparse.Namespace, src: Path, work: Path) -> None:
+    def __init__(self, args: argparse.Namespace, src: Path, work: Path, kept: list[Row] | None = None) -> None:
         self.args = args
         self.src = src
         self.work = work
-        self.rows: list[Row] = []
-        self.fp_ppl: float | None = None
+        self.rows: list[Row] = list(kept or [])
+        fp = self.find("fp", "fp32")
+        self.fp_ppl: float | None = fp.ppl if fp else None
         self._linears: list[str] | None = None
         self._tokens: Path | None = None
 
@@ -218,10 +220,16 @@ class Bench:
     def calib_shape(self) -> tuple[int, int]:
         return self.args.calib_samples or DEFAULT_SAMPLES, self.args.calib_seqlen or DEFAULT_SEQLEN
 
+    def find(self, method: str, config: str) -> Row | None:
+        """The measured (``ok``) row of ``method`` x ``config``, if there is one."""
+        return next((r for r in self.rows if (r.method, r.config, r.status) == (method, config, "ok")), None)
+
     def add(self, row: Row) -> None:
         if row.ppl is not None and self.fp_ppl:
             row.vs_fp = row.ppl / self.fp_ppl
-        self.rows.append(row)
+        row.measured = {"date": now(), **machine()}
+        self.rows = [r for r in self.rows if (r.method, r.config) != (row.method, row.config)] + [row]
+        self.rows.sort(key=row_order)
         print(format_row(row), flush=True)
         if self.args.json:
             self.args.json.write_text(json.dumps(self.document(), indent=2) + "\n")
@@ -230,12 +238,10 @@ class Bench:
         samples, seqlen = self.calib_shape()
         return {
             "benchmark": "bench_calibrated",
-            "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "date": now(),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "protocol": {"name": "nwc-ppl-v1", "windows": self.args.windows, "seqlen": 2048, "text": "sotu-eval"},
-            "model": str(self.src),
-            "calibration": {"samples": samples, "seqlen": seqlen, "text": "sotu-calib (speeches before 2000)"},
-            "machine": machine(),
+            **comparable(self.args.windows, samples, seqlen),
+            "model": self.src.name,
             "rows": [asdict(r) for r in self.rows],
         }
 
@@ -361,6 +367,60 @@ class Bench:
         )
 
 
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def comparable(windows: int, samples: int, seqlen: int) -> dict:
+    """What two runs must share for their rows to sit in one table."""
+    return {
+        "protocol": {"name": "nwc-ppl-v1", "windows": windows, "seqlen": 2048, "text": "sotu-eval"},
+        "calibration": {"samples": samples, "seqlen": seqlen, "text": "sotu-calib (speeches before 2000)"},
+    }
+
+
+def row_order(row: Row) -> tuple[int, int]:
+    """Table order: methods as in ``METHODS``, then configs as in ``CONFIGS``; the FP row first."""
+    methods, configs = list(METHODS), list(CONFIGS)
+    return (
+        methods.index(row.method) if row.method in methods else len(methods),
+        configs.index(row.config) if row.config in configs else -1,
+    )
+
+
+def load_rows(path: Path, windows: int, samples: int, seqlen: int) -> list[Row]:
+    """The rows of an earlier ``--json`` file, refused when measured under another protocol or calibration."""
+    document = json.loads(path.read_text())
+    wanted = comparable(windows, samples, seqlen)
+    found = {key: document.get(key) for key in wanted}
+    if found != wanted:
+        raise SystemExit(f"{path} holds rows of another protocol or calibration ({found}): another --json, or --fresh")
+    earlier = {"date": document.get("date"), **document.get("machine", {})}  # files from before per-row records
+    return [Row(**{"measured": earlier, **row}) for row in document.get("rows", [])]
+
+
+def markdown(rows: list[Row], configs: list[str]) -> str:
+    """Two markdown tables, methods x configs: perplexity (x FP), then bits/weight, encode s and peak MB."""
+    methods = list(dict.fromkeys(r.method for r in rows if r.method != "fp"))
+
+    def table(title: str, cell) -> list[str]:
+        lines = [f"| {title} | " + " | ".join(configs) + " |", "|---" * (len(configs) + 1) + "|"]
+        for method in methods:
+            found = [next((r for r in rows if (r.method, r.config) == (method, c)), None) for c in configs]
+            cells = ["not run" if r is None else r.status if r.status != "ok" else cell(r) for r in found]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        return lines
+
+    fp = next((r for r in rows if r.method == "fp"), None)
+    out = [f"FP32 perplexity: {fp.ppl:.3f}", ""] if fp else []
+    out += table("perplexity (x FP)", lambda r: f"{r.ppl:.2f} ({r.vs_fp:.3f})")
+    out += [
+        "",
+        *table("bits/w, encode s, peak MB", lambda r: f"{r.bits_linear:.3f}, {r.encode_s:.0f}, {r.peak_rss_mb:.0f}"),
+    ]
+    return "\n".join(out)
+
+
 def machine() -> dict:
     """CPU, cores, load average and the versions that matter."""
     import transformers
@@ -439,10 +499,28 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("NWC_BENCH_LLMC_PYTHON", str(DEFAULT_LLMC_VENV / "bin" / "python")),
         help="interpreter that has llmcompressor (its own venv)",
     )
-    parser.add_argument("--json", type=Path, help="write the results here (after every row)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="results file, rewritten after every row; rows it already holds (same protocol and calibration) "
+        "are kept and not run again",
+    )
+    parser.add_argument("--fresh", action="store_true", help="ignore the rows already in --json and run all")
+    parser.add_argument(
+        "--report", action="store_true", help="print the --json file's rows as a markdown table and exit"
+    )
     args = parser.parse_args(argv)
     methods = parse_list(args.only, list(METHODS), "method")
     configs = parse_list(args.configs, list(CONFIGS), "config")
+    samples, seqlen = args.calib_samples or DEFAULT_SAMPLES, args.calib_seqlen or DEFAULT_SEQLEN
+    kept: list[Row] = []
+    if args.json and args.json.exists() and not args.fresh:
+        kept = load_rows(args.json, args.windows, samples, seqlen)
+    if args.report:
+        if not kept:
+            raise SystemExit("--report needs an existing --json file")
+        print(markdown(kept, configs))
+        return 0
 
     src = data.smollm2_dir("float32")
     info = machine()
@@ -453,11 +531,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(HEAD, flush=True)
     with tempfile.TemporaryDirectory(prefix="nwc-bench-cal-") as tmp:
-        bench = Bench(args, src, Path(tmp))
-        bench.run_fp()  # always: the x FP column needs it
+        bench = Bench(args, src, Path(tmp), kept)
+        for row in kept:
+            print(format_row(row) + ("  (kept from --json)" if row.status == "ok" else ""), flush=True)
+        if bench.fp_ppl is None:
+            bench.run_fp()  # the x FP column needs it
         for config in configs:
             for name in methods:
                 method = METHODS[name]
+                if bench.find(name, config) is not None:
+                    continue
                 if method.kind == "nwc":
                     bench.run_nwc(method, config)
                 elif method.kind == "peer":
