@@ -218,7 +218,7 @@ class Bench:
         return self._tokens
 
     def calib_shape(self) -> tuple[int, int]:
-        return self.args.calib_samples or DEFAULT_SAMPLES, self.args.calib_seqlen or DEFAULT_SEQLEN
+        return calib_shape(self.args)
 
     def find(self, method: str, config: str) -> Row | None:
         """The measured (``ok``) row of ``method`` x ``config``, if there is one."""
@@ -367,6 +367,11 @@ class Bench:
         )
 
 
+def calib_shape(args: argparse.Namespace) -> tuple[int, int]:
+    """Calibration windows and tokens per window: the options, or nwcfmt's pipeline defaults."""
+    return args.calib_samples or DEFAULT_SAMPLES, args.calib_seqlen or DEFAULT_SEQLEN
+
+
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -512,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     methods = parse_list(args.only, list(METHODS), "method")
     configs = parse_list(args.configs, list(CONFIGS), "config")
-    samples, seqlen = args.calib_samples or DEFAULT_SAMPLES, args.calib_seqlen or DEFAULT_SEQLEN
+    samples, seqlen = calib_shape(args)
     kept: list[Row] = []
     if args.json and args.json.exists() and not args.fresh:
         kept = load_rows(args.json, args.windows, samples, seqlen)

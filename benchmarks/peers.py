@@ -194,13 +194,13 @@ def quantize_llmcompressor(src: Path, out: Path, bits: int, group_size: int, tok
     if quantized != sorted(names):
         raise SystemExit(f"peers: llm-compressor quantized {len(quantized)} modules, the protocol {len(names)}")
     # the weights llm-compressor leaves in the model, before saving compressed replaces them with packed codes
+    start = time.perf_counter()
     dense = {}
     for name in names:
         module = modules[name]
         dense[name] = module.weight.detach().to(torch.float32).clone()
         _check_fake_quant(name, dense[name], module, bits, group_size)
     actorder = str(modules[names[0]].quantization_scheme.weights.actorder)
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llmc-packed-") as packed:
         model.save_pretrained(packed, save_compressed=True)
         sizes = _safetensors_sizes(Path(packed))
