@@ -40,8 +40,9 @@ Batch = tuple[torch.Tensor, dict[str, Any], torch.Tensor]
 class LearnedRoundingCodec(GroupQuantCodec):
     """Storage as :class:`GroupQuantCodec`; the encoder needs calibration (:class:`LearnedRoundingMethod`).
 
-    Config: the shared quantizer config plus ``iters`` (Adam steps per block), ``lr``, ``batch_size``
-    (sequences per step), ``clip_search`` (start from rtn's weighted clipping search) and ``seed``.
+    Config: the shared quantizer config plus ``iters`` (Adam steps per block), ``lr`` (of the divisor's values),
+    ``scale_lr`` (of the grid scale ``s1``; default: ``lr``), ``batch_size`` (sequences per step),
+    ``clip_search`` (start from rtn's weighted clipping search) and ``seed``.
     """
 
     def __init__(
@@ -49,21 +50,24 @@ class LearnedRoundingCodec(GroupQuantCodec):
         *,
         iters: int = 200,
         lr: float = 3e-3,
+        scale_lr: float | None = None,
         batch_size: int = 1,
         clip_search: bool = True,
         seed: int = 0,
         **config: Any,
     ) -> None:
         super().__init__(**config)
-        if iters < 0 or batch_size < 1 or not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-            raise EncodeError("iters must be >= 0, batch_size >= 1 and lr a positive number")
+        scale_lr = lr if scale_lr is None else scale_lr
+        if iters < 0 or batch_size < 1 or not all(_positive_number(v) for v in (lr, scale_lr)):
+            raise EncodeError("iters must be >= 0, batch_size >= 1 and lr and scale_lr positive numbers")
         if self.symmetric and self.bits < 2:
             raise EncodeError("symmetric quantization needs at least 2 bits")
-        self.iters, self.lr, self.batch_size = int(iters), float(lr), int(batch_size)
+        self.iters, self.lr, self.scale_lr, self.batch_size = int(iters), float(lr), float(scale_lr), int(batch_size)
         self.clip_search, self.seed = bool(clip_search), int(seed)
 
     def get_config(self) -> dict[str, Any]:
-        train = {"iters": self.iters, "lr": self.lr, "batch_size": self.batch_size, "clip_search": self.clip_search}
+        train = {"iters": self.iters, "lr": self.lr, "scale_lr": self.scale_lr, "batch_size": self.batch_size}
+        train["clip_search"] = self.clip_search
         return {**super().get_config(), **train}
 
     def quantize(self, weight: torch.Tensor, layout: QuantLayout):
@@ -71,6 +75,10 @@ class LearnedRoundingCodec(GroupQuantCodec):
             f"{self.codec_id} learns its rounding from calibration data and cannot encode a lone tensor: "
             f"encode a model folder with calibration (the block-by-block pipeline)"
         )
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -220,10 +228,12 @@ class LearnedRoundingMethod:
         return results
 
     def _train(self, mods: dict[str, LearnedRounding], batches: list[Batch], loss_on, gen: torch.Generator) -> None:
-        params = [p for m in mods.values() for p in m.parameters()]
-        if not params or self.codec.iters == 0:
+        scales = [m.log_s1 for m in mods.values()]
+        divisor = [p for m in mods.values() for name, p in m.named_parameters() if name != "log_s1"]
+        if not (scales or divisor) or self.codec.iters == 0:
             return
-        opt = torch.optim.Adam(params, lr=self.codec.lr)
+        groups = [{"params": scales, "lr": self.codec.scale_lr}, {"params": divisor, "lr": self.codec.lr}]
+        opt = torch.optim.Adam([g for g in groups if g["params"]])
         order: list[int] = []
         with torch.enable_grad():  # callers may run the pipeline under no_grad
             for _ in range(self.codec.iters):
