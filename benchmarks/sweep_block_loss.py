@@ -1,0 +1,134 @@
+"""Block-output loss of calibrated encoders on single SmolLM2 blocks: a quick way to tune their settings.
+
+    python benchmarks/sweep_block_loss.py --bits 4 --group-size 0 --blocks 3,20 \
+        --run gptq --run flexround --run lrq --run "lrq:lr=0.01,scale_lr=0.01"
+
+Each ``--run`` is ``CODEC[:KEY=VALUE,...]`` (values parsed as JSON, else kept as strings), on top of ``--bits``
+and ``--group-size``. Every block listed gets the full-precision inputs of the calibration batches (the
+previous blocks are not quantized, unlike ``nwc encode``), and each run quantizes the block's Linears with
+the calibrated encoder of its codec. The score is the mean squared error between the block's output with the
+decoded weights and its full-precision output, on the same evenly spaced calibration batches the learned
+rounding encoders check themselves on (so it is a training-set loss), also shown relative to ``rtn``'s
+(``x rtn``, with the ``rtn`` settings learned rounding starts from). A minute or so per learned-rounding run
+and block on 2 cores; perplexity needs ``bench_calibrated.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nwcfmt import data
+from nwcfmt.calibration import get_method
+from nwcfmt.calibration.blocks import block_linears, capture_inputs, find_layout, run_block
+from nwcfmt.calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_batches
+from nwcfmt.calibration.hessian import HessianCollector
+from nwcfmt.calibration.method import BlockData, LinearResult, dequantize_result
+from nwcfmt.codecs.learned_rounding import block_output, guard_batches, split_batches
+from nwcfmt.codecs.rtn import RtnCodec
+
+
+def parse_run(text: str) -> tuple[str, dict[str, Any]]:
+    """``CODEC[:KEY=VALUE,...]`` -> (codec id, config overrides)."""
+    codec, _, rest = text.partition(":")
+    config: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--run {text!r}: expected KEY=VALUE, got {item!r}")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return codec, config
+
+
+def block_mse(block: torch.nn.Module, weights: dict[str, torch.Tensor], check: list) -> float:
+    """Mean squared error of the block output with ``weights`` substituted, over the ``check`` batches."""
+    params = {name: p.detach() for name, p in block.named_parameters()}
+    params.update({f"{name}.weight": w for name, w in weights.items()})
+    with torch.no_grad():
+        total = sum(
+            torch.nn.functional.mse_loss(block_output(block, params, x, kw), y).item() * x.numel() for x, kw, y in check
+        )
+    return total / sum(x.numel() for x, _, _ in check)
+
+
+def run_on_block(block, index: int, inputs, kwargs, runs, args) -> None:
+    """Quantize block ``index`` with every run and print one line per run."""
+    linears = block_linears(block)
+    with torch.no_grad(), HessianCollector(linears) as collector:
+        outputs = [run_block(block, x, kwargs) for x in inputs]
+    block_data = BlockData(index, inputs, kwargs, outputs, collector.hessians(), collector.rows)
+    check = guard_batches(split_batches(block_data, 1))
+    baseline = None
+    for label, codec, overrides in [("rtn", "rtn", {"clip_search": True}), *runs]:
+        config = {"bits": args.bits, "group_size": args.group_size, **overrides}
+        start = time.perf_counter()
+        if codec == "rtn":
+            quantizer = RtnCodec(**config)
+            results = {}
+            for name, lin in linears.items():
+                layout = quantizer.layout(lin.weight)
+                weight = lin.weight.detach().reshape(layout.rows, layout.cols)
+                results[name] = LinearResult(*quantizer.quantize(weight, layout))
+        else:
+            factory = get_method(codec)
+            if factory is None:
+                raise SystemExit(f"{codec}: not a calibrated codec")
+            method = factory(config)
+            quantizer = method.codec
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(index)
+                results = method.quantize_block(block, linears, block_data)
+        weights = {
+            n: dequantize_result(r, quantizer.layout(linears[n].weight)).reshape(linears[n].weight.shape)
+            for n, r in results.items()
+        }
+        seconds = time.perf_counter() - start
+        loss = block_mse(block, weights, check)
+        baseline = loss if baseline is None else baseline
+        print(f"{index:>5}  {label:<40} {loss:12.6g} {loss / baseline:7.3f} {seconds:8.1f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=0, help="0: per output channel (default)")
+    parser.add_argument("--blocks", default="3,20", help="comma-separated block indices (default: 3,20)")
+    parser.add_argument("--run", action="append", default=[], help="CODEC[:KEY=VALUE,...]; repeat")
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
+    parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN)
+    args = parser.parse_args(argv)
+    runs = [(text, *parse_run(text)) for text in args.run or ["gptq", "flexround", "lrq"]]
+    wanted = sorted({int(b) for b in args.blocks.split(",")})
+
+    src = data.smollm2_dir("float32")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    layout = find_layout(model)
+    if wanted[-1] >= len(layout.blocks):
+        raise SystemExit(f"SmolLM2 has {len(layout.blocks)} blocks (0-{len(layout.blocks) - 1})")
+    captured = capture_inputs(layout, calibration_batches(tokenizer, None, args.samples, args.seqlen, 1, 0))
+    print(
+        f"SmolLM2-135M fp32, {args.bits}-bit, group size {args.group_size or 'per channel'}, "
+        f"calibration {args.samples} x {args.seqlen} tokens"
+    )
+    print(f"{'block':>5}  {'run':<40} {'block MSE':>12} {'x rtn':>7} {'seconds':>8}")
+    inputs = captured.inputs
+    for index, block in enumerate(layout.blocks[: wanted[-1] + 1]):
+        kwargs = captured.kwargs[index]
+        if index in wanted:
+            run_on_block(block, index, inputs, kwargs, runs, args)
+        with torch.no_grad():
+            inputs = [run_block(block, x, kwargs) for x in inputs]
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
