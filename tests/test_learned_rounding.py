@@ -172,6 +172,30 @@ def test_bad_config_raises():
         LrqCodec(rank=0)
     with pytest.raises(EncodeError):
         FlexRoundCodec(lr=-1.0)
+    with pytest.raises(EncodeError):
+        LrqCodec(scale_lr=0.0)
+    with pytest.raises(EncodeError):
+        FlexRoundCodec(scale_lr=float("nan"))
+
+
+def test_scale_lr_drives_only_the_grid_scale(block_data, trained):
+    """``scale_lr`` is the grid scale's own rate: near zero, the stored scales stay rtn's while the rounding
+    still learns; the default setting moves them. lrq's defaults give the scale the larger rate."""
+    block, linears, data = block_data
+    assert LrqCodec().scale_lr > LrqCodec().lr and FlexRoundCodec().scale_lr == FlexRoundCodec().lr
+    method = flexround_method(_config(4, 0, scale_lr=1e-12))
+    frozen_scale = method.quantize_block(block, linears, data)
+    moved = trained["flexround", 4, 0][1]
+    rtn = RtnCodec(bits=4, group_size=0, clip_search=True)
+    codes_changed = scales_changed = 0
+    for name, lin in linears.items():
+        layout = rtn.layout(lin.weight)
+        codes, scale, _ = rtn.quantize(lin.weight.detach().reshape(layout.rows, layout.cols), layout)
+        assert frozen_scale[name].stats["fallback"] == 0.0
+        assert torch.equal(frozen_scale[name].scale.reshape(scale.shape), scale.to(torch.float32))
+        codes_changed += int(not torch.equal(frozen_scale[name].codes, codes))
+        scales_changed += int(not torch.equal(moved[name].scale.reshape(scale.shape), scale.to(torch.float32)))
+    assert codes_changed == len(linears) and scales_changed == len(linears)
 
 
 def test_needs_targets(block_data):
