@@ -3,23 +3,23 @@
     python benchmarks/sweep_block_loss.py --bits 4 --group-size 0 --blocks 3,20 \
         --run gptq --run flexround --run lrq --run "lrq:lr=0.01,scale_lr=0.01"
 
-Each ``--run`` is ``CODEC[:KEY=VALUE,...]`` (values parsed as JSON, else kept as strings), on top of ``--bits``
-and ``--group-size``. Every block listed gets the full-precision inputs of the calibration batches (the
-previous blocks are not quantized, unlike ``nwc encode``), and each run quantizes the block's Linears with
-the calibrated encoder of its codec. The score is the mean squared error between the block's output with the
-decoded weights and its full-precision output, on the same evenly spaced calibration batches the learned
-rounding encoders check themselves on (so it is a training-set loss), also shown relative to ``rtn``'s
-(``x rtn``, with the ``rtn`` settings learned rounding starts from). A minute or so per learned-rounding run
-and block on 2 cores; perplexity needs ``bench_calibrated.py``.
+Each ``--run`` is ``CODEC[:KEY=VALUE,...]``, on top of ``--bits`` and ``--group-size``; values are read as
+``nwc encode --param`` reads them (JSON, else a string). Every block listed gets the full-precision inputs of
+the calibration batches (the previous blocks are not quantized, unlike ``nwc encode``), and each run
+quantizes the block's Linears with the calibrated encoder of its codec. The score is the mean squared error
+between the block's output with the decoded weights and its full-precision output, on the same evenly spaced
+calibration batches the learned rounding encoders check themselves on (so it is a training-set loss), also
+shown relative to ``rtn``'s (``x rtn``, with the ``rtn`` settings learned rounding starts from). A minute or
+so per learned-rounding run and block on 2 cores; perplexity needs ``bench_calibrated.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
+import click
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,34 +29,24 @@ from nwcfmt.calibration.blocks import block_linears, capture_inputs, find_layout
 from nwcfmt.calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_batches
 from nwcfmt.calibration.hessian import HessianCollector
 from nwcfmt.calibration.method import BlockData, LinearResult, dequantize_result
-from nwcfmt.codecs.learned_rounding import block_output, guard_batches, split_batches
+from nwcfmt.cli.main import parse_params
+from nwcfmt.codecs.learned_rounding import block_mse, guard_batches, split_batches
 from nwcfmt.codecs.rtn import RtnCodec
 
 
 def parse_run(text: str) -> tuple[str, dict[str, Any]]:
-    """``CODEC[:KEY=VALUE,...]`` -> (codec id, config overrides)."""
+    """``CODEC[:KEY=VALUE,...]`` -> (codec id, config overrides), values read as ``nwc encode --param`` reads them."""
     codec, _, rest = text.partition(":")
-    config: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--run {text!r}: expected KEY=VALUE, got {item!r}")
-        try:
-            config[key] = json.loads(value)
-        except json.JSONDecodeError:
-            config[key] = value
-    return codec, config
+    try:
+        return codec, parse_params(tuple(filter(None, rest.split(","))))
+    except click.BadParameter as exc:
+        raise SystemExit(f"--run {text!r}: {exc.format_message()}") from None
 
 
-def block_mse(block: torch.nn.Module, weights: dict[str, torch.Tensor], check: list) -> float:
-    """Mean squared error of the block output with ``weights`` substituted, over the ``check`` batches."""
+def weight_params(block: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The block's own parameters with the Linear ``weights`` substituted."""
     params = {name: p.detach() for name, p in block.named_parameters()}
-    params.update({f"{name}.weight": w for name, w in weights.items()})
-    with torch.no_grad():
-        total = sum(
-            torch.nn.functional.mse_loss(block_output(block, params, x, kw), y).item() * x.numel() for x, kw, y in check
-        )
-    return total / sum(x.numel() for x, _, _ in check)
+    return {**params, **{f"{name}.weight": w for name, w in weights.items()}}
 
 
 def run_on_block(block, index: int, inputs, kwargs, runs, args) -> None:
@@ -91,7 +81,7 @@ def run_on_block(block, index: int, inputs, kwargs, runs, args) -> None:
             for n, r in results.items()
         }
         seconds = time.perf_counter() - start
-        loss = block_mse(block, weights, check)
+        loss = block_mse(block, weight_params(block, weights), check)
         baseline = loss if baseline is None else baseline
         print(f"{index:>5}  {label:<40} {loss:12.6g} {loss / baseline:7.3f} {seconds:8.1f}", flush=True)
 

@@ -143,6 +143,14 @@ def block_output(block: nn.Module, params: dict[str, torch.Tensor], x: torch.Ten
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def block_mse(block: nn.Module, params: dict[str, torch.Tensor], batches: list[Batch]) -> float:
+    """Mean squared error between ``block``'s output with ``params`` and the targets, over all of ``batches``."""
+    mse = torch.nn.functional.mse_loss
+    with torch.no_grad():
+        total = sum(mse(block_output(block, params, x, kw), y).item() * x.numel() for x, kw, y in batches)
+    return total / sum(x.numel() for x, _, _ in batches)
+
+
 def split_batches(data: BlockData, batch_size: int) -> list[Batch]:
     """(input, kwargs, target) minibatches of at most ``batch_size`` sequences, kwargs sliced alongside."""
     if data.targets is None or len(data.targets) != len(data.inputs):
@@ -205,8 +213,8 @@ class LearnedRoundingMethod:
 
         def guard_loss() -> float:
             with torch.no_grad():
-                total = sum(loss_on(b).item() * b[0].numel() for b in guard)
-            return total / sum(b[0].numel() for b in guard)
+                weights = {f"{name}.weight": m()[0] for name, m in mods.items()}
+            return block_mse(block, {**frozen, **weights}, guard)
 
         init_loss = guard_loss()
         init = {name: m.result() for name, m in mods.items()}
@@ -230,7 +238,7 @@ class LearnedRoundingMethod:
     def _train(self, mods: dict[str, LearnedRounding], batches: list[Batch], loss_on, gen: torch.Generator) -> None:
         scales = [m.log_s1 for m in mods.values()]
         divisor = [p for m in mods.values() for name, p in m.named_parameters() if name != "log_s1"]
-        if not (scales or divisor) or self.codec.iters == 0:
+        if not mods or self.codec.iters == 0:
             return
         groups = [{"params": scales, "lr": self.codec.scale_lr}, {"params": divisor, "lr": self.codec.lr}]
         opt = torch.optim.Adam([g for g in groups if g["params"]])
