@@ -40,7 +40,7 @@ def parse_run(text: str) -> tuple[str, dict[str, Any]]:
     try:
         return codec, parse_params(tuple(filter(None, rest.split(","))))
     except click.BadParameter as exc:
-        raise SystemExit(f"--run {text!r}: {exc.format_message()}") from None
+        raise SystemExit(f"--run {text!r}: {exc.message}") from None
 
 
 def weight_params(block: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
