@@ -66,9 +66,14 @@ class LearnedRoundingCodec(GroupQuantCodec):
         self.clip_search, self.seed = bool(clip_search), int(seed)
 
     def get_config(self) -> dict[str, Any]:
-        train = {"iters": self.iters, "lr": self.lr, "scale_lr": self.scale_lr, "batch_size": self.batch_size}
-        train["clip_search"] = self.clip_search
-        return {**super().get_config(), **train}
+        return {
+            **super().get_config(),
+            "iters": self.iters,
+            "lr": self.lr,
+            "scale_lr": self.scale_lr,
+            "batch_size": self.batch_size,
+            "clip_search": self.clip_search,
+        }
 
     def quantize(self, weight: torch.Tensor, layout: QuantLayout):
         raise EncodeError(
@@ -236,12 +241,13 @@ class LearnedRoundingMethod:
         return results
 
     def _train(self, mods: dict[str, LearnedRounding], batches: list[Batch], loss_on, gen: torch.Generator) -> None:
-        scales = [m.log_s1 for m in mods.values()]
-        divisor = [p for m in mods.values() for name, p in m.named_parameters() if name != "log_s1"]
         if not mods or self.codec.iters == 0:
             return
-        groups = [{"params": scales, "lr": self.codec.scale_lr}, {"params": divisor, "lr": self.codec.lr}]
-        opt = torch.optim.Adam([g for g in groups if g["params"]])
+        scales = [m.log_s1 for m in mods.values()]
+        divisor = [p for m in mods.values() for name, p in m.named_parameters() if name != "log_s1"]
+        opt = torch.optim.Adam(
+            [{"params": scales, "lr": self.codec.scale_lr}, {"params": divisor, "lr": self.codec.lr}]
+        )
         order: list[int] = []
         with torch.enable_grad():  # callers may run the pipeline under no_grad
             for _ in range(self.codec.iters):
