@@ -28,10 +28,9 @@ from nwcfmt.calibration import get_method
 from nwcfmt.calibration.blocks import block_linears, capture_inputs, find_layout, run_block
 from nwcfmt.calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_batches
 from nwcfmt.calibration.hessian import HessianCollector
-from nwcfmt.calibration.method import BlockData, LinearResult, dequantize_result
+from nwcfmt.calibration.method import BlockData, dequantize_result
 from nwcfmt.cli.main import parse_params
 from nwcfmt.codecs.learned_rounding import block_mse, guard_batches, split_batches
-from nwcfmt.codecs.rtn import RtnCodec
 
 
 def parse_run(text: str) -> tuple[str, dict[str, Any]]:
@@ -57,27 +56,19 @@ def run_on_block(block, index: int, inputs, kwargs, runs, args) -> None:
     block_data = BlockData(index, inputs, kwargs, outputs, collector.hessians(), collector.rows)
     check = guard_batches(split_batches(block_data, 1))
     baseline = None
-    for label, codec, overrides in [("rtn", "rtn", {"clip_search": True}), *runs]:
+    # The baseline: learned rounding's starting point (no training steps), rtn with the weighted clipping search.
+    for label, codec, overrides in [("rtn", "flexround", {"iters": 0}), *runs]:
         config = {"bits": args.bits, "group_size": args.group_size, **overrides}
         start = time.perf_counter()
-        if codec == "rtn":
-            quantizer = RtnCodec(**config)
-            results = {}
-            for name, lin in linears.items():
-                layout = quantizer.layout(lin.weight)
-                weight = lin.weight.detach().reshape(layout.rows, layout.cols)
-                results[name] = LinearResult(*quantizer.quantize(weight, layout))
-        else:
-            factory = get_method(codec)
-            if factory is None:
-                raise SystemExit(f"{codec}: not a calibrated codec")
-            method = factory(config)
-            quantizer = method.codec
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(index)
-                results = method.quantize_block(block, linears, block_data)
+        factory = get_method(codec)
+        if factory is None:
+            raise SystemExit(f"{codec}: not a calibrated codec")
+        method = factory(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(index)
+            results = method.quantize_block(block, linears, block_data)
         weights = {
-            n: dequantize_result(r, quantizer.layout(linears[n].weight)).reshape(linears[n].weight.shape)
+            n: dequantize_result(r, method.codec.layout(linears[n].weight)).reshape(linears[n].weight.shape)
             for n, r in results.items()
         }
         seconds = time.perf_counter() - start
