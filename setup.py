@@ -15,6 +15,12 @@ setup(
             optional=True,
         ),
         Extension(
+            "nwcfmt.entropy._rans_native",
+            ["nwcfmt/entropy/_rans_native.c"],
+            extra_compile_args=["-O3"],
+            optional=True,
+        ),
+        Extension(
             "nwcfmt.kernels._cpu_native",
             ["nwcfmt/kernels/_cpu_native.c"],
             extra_compile_args=["-O3"],
