@@ -11,7 +11,12 @@ FORMAT_VERSION_STR = f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}"
 
 # Features a writer may list in `required_features` / `optional_features`. A reader refuses a file whose
 # required features are not all in KNOWN_FEATURES.
-KNOWN_FEATURES: frozenset[str] = frozenset()
+# "shared_segments" (format 1.1): tensors named SHARED_PREFIX... may be claimed by several records of one file
+# (a neural codec's decoder network, stored once per file).
+SHARED_SEGMENTS = "shared_segments"
+KNOWN_FEATURES: frozenset[str] = frozenset({SHARED_SEGMENTS})
+SHARED_PREFIX = "__nwc_shared__."
+SHARED_FORMAT_VERSION = (1, 1)  # the minor version that introduced shared segments
 
 ALIGNMENT = 64
 PAD_PREFIX = "__nwc_pad__."

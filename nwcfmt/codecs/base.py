@@ -22,6 +22,9 @@ class EncodedTensor:
 
     segments: dict[str, torch.Tensor]
     params: dict[str, Any] = field(default_factory=dict)
+    # segment name -> key of a segment shared by the records of a file (stored once, as SHARED_PREFIX + key;
+    # format-v1.md 6.2): e.g. a neural codec's decoder weights, keyed by their hash
+    shared: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -14,7 +14,16 @@ from typing import BinaryIO
 import torch
 
 from nwcfmt.codecs.registry import get_codec
-from nwcfmt.constants import DTYPE_NAMES, LOADER_NOTICE, MANIFEST_KEY, PAD_PREFIX, ST_TO_TORCH, dtype_name
+from nwcfmt.constants import (
+    DTYPE_NAMES,
+    LOADER_NOTICE,
+    MANIFEST_KEY,
+    PAD_PREFIX,
+    SHARED_PREFIX,
+    SHARED_SEGMENTS,
+    ST_TO_TORCH,
+    dtype_name,
+)
 from nwcfmt.container.checksum import crc32_parallel
 from nwcfmt.container.manifest import Manifest, SegmentRef, TensorRecord
 from nwcfmt.container.safetensors_io import Header, TensorInfo, read_header
@@ -96,6 +105,8 @@ class NwcReader:
 
     def _validate(self) -> None:
         used: dict[str, str] = {}
+        self._claims: dict[str, int] = {}  # safetensors tensor -> number of records whose segments it holds
+        sharing = SHARED_SEGMENTS in self.manifest.required_features
         for record in self.manifest.tensors:
             try:
                 codec = get_codec(record.codec)
@@ -111,7 +122,8 @@ class NwcReader:
                 )
             infos = self._segment_infos(record)
             for info in infos.values():
-                if info.name in used:
+                self._claims[info.name] = self._claims.get(info.name, 0) + 1
+                if info.name in used and not (sharing and info.name.startswith(SHARED_PREFIX)):
                     raise FormatError(
                         f"{self.path}: safetensors tensor {info.name!r} is claimed twice "
                         f"(by {used[info.name]!r} and {record.name!r})"
@@ -150,7 +162,9 @@ class NwcReader:
         return self._segment_infos(self.record(name))
 
     def stored_bytes(self, name: str) -> int:
-        return sum(info.nbytes for info in self._segment_infos(self.record(name)).values())
+        """Bytes of a tensor's segments; a shared segment counts its share (its bytes over the records using it)."""
+        infos = self._segment_infos(self.record(name)).values()
+        return round(sum(info.nbytes / self._claims.get(info.name, 1) for info in infos))
 
     def _buffer(self) -> mmap.mmap:
         with self._map_lock:  # decode() may run in several threads

@@ -12,7 +12,16 @@ import torch
 
 from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec, EncodeContext, EncodedTensor
 from nwcfmt.codecs.registry import get_codec
-from nwcfmt.constants import ALIGNMENT, LOADER_NOTICE, MANIFEST_KEY, SEGMENT_SEPARATOR, dtype_name
+from nwcfmt.constants import (
+    ALIGNMENT,
+    LOADER_NOTICE,
+    MANIFEST_KEY,
+    SEGMENT_SEPARATOR,
+    SHARED_FORMAT_VERSION,
+    SHARED_PREFIX,
+    SHARED_SEGMENTS,
+    dtype_name,
+)
 from nwcfmt.container.checksum import crc32
 from nwcfmt.container.manifest import Manifest, SegmentRef, TensorRecord
 from nwcfmt.container.safetensors_io import StreamingWriter, tensor_bytes
@@ -86,6 +95,7 @@ class NwcWriter:
         if loader_notice:
             self._stream.add(LOADER_NOTICE, torch.empty(0, dtype=torch.uint8))
         self.manifest = Manifest(producer=producer_info(), alignment=alignment, shard=shard)
+        self._shared: dict[str, SegmentRef] = {}  # shared segments already written to this file
         self.metadata = {**(metadata or {}), "format": "pt"}  # transformers requires format == "pt"
         self.metadata.pop(MANIFEST_KEY, None)
 
@@ -115,6 +125,10 @@ class NwcWriter:
             raise EncodeError(f"tensor {name!r}: codec params are not plain JSON ({exc})") from None
         segments = {}
         for seg_name, seg in encoded.segments.items():
+            key = encoded.shared.get(seg_name)
+            if key is not None:
+                segments[seg_name] = self._shared_ref(key, seg)
+                continue
             st_name = segment_tensor_name(name, seg_name)
             self._stream.add(st_name, seg)
             segments[seg_name] = SegmentRef(st_name, crc32(tensor_bytes(seg)))
@@ -129,6 +143,21 @@ class NwcWriter:
         )
         self.manifest.tensors.append(record)
         return record
+
+    def _shared_ref(self, key: str, seg: torch.Tensor) -> SegmentRef:
+        """Write a shared segment once per file (format 1.1, required feature ``shared_segments``)."""
+        st_name = f"{SHARED_PREFIX}{key}"
+        ref = self._shared.get(st_name)
+        crc = crc32(tensor_bytes(seg))
+        if ref is None:
+            self._stream.add(st_name, seg)
+            ref = self._shared[st_name] = SegmentRef(st_name, crc)
+            if SHARED_SEGMENTS not in self.manifest.required_features:
+                self.manifest.required_features.append(SHARED_SEGMENTS)
+                self.manifest.format_version = max(self.manifest.format_version, SHARED_FORMAT_VERSION)
+        elif ref.crc32 != crc:
+            raise EncodeError(f"shared segment {key!r} was written with other contents")
+        return ref
 
     def close(self, path: str | os.PathLike | None = None) -> Path:
         """Finish the file: write header and manifest, rename into place (at ``path`` if given)."""

@@ -1,0 +1,156 @@
+"""``ecsq``: entropy-coded scalar quantization of row-normalised weights in the latent layout.
+
+Encoding (:mod:`nwcfmt.encoders.ecsq`) picks the step by bisection so that the record's bytes (stream, tables,
+reconstruction values, row scales) stay within ``bits`` per weight. Decoding: ``recon[level, sym] * scale[row]``
+in fp32, rounded once to the tensor's dtype, on any device (spec/codecs/latent.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from nwcfmt.codecs.base import PRIMARY_SEGMENT, EncodeContext, EncodedTensor
+from nwcfmt.codecs.latent import (
+    LANES_SEGMENT,
+    LEVELS_SEGMENT,
+    SCALE_DTYPES,
+    SCALE_SEGMENT,
+    TABLES_SEGMENT,
+    LatentCodec,
+    LatentLayout,
+    expect,
+    matrix_shape,
+    out_dtype,
+)
+from nwcfmt.codecs.registry import register_codec
+from nwcfmt.container.manifest import TensorRecord
+from nwcfmt.container.safetensors_io import TensorInfo
+from nwcfmt.encoders import ecsq, latents
+from nwcfmt.encoders.rate import bisect_step, meet_target
+from nwcfmt.entropy import rans
+from nwcfmt.entropy.rans import Context
+from nwcfmt.errors import EncodeError, FormatError
+
+RECON_SEGMENT = "recon"
+
+
+def check_rate_config(bits: float | None, step: float | None, lane_symbols: int, scale_dtype: str) -> None:
+    """Config checks shared by the latent codecs."""
+    if step is None and (not isinstance(bits, (int, float)) or isinstance(bits, bool) or not 0.5 <= bits <= 16):
+        raise EncodeError("bits must be a number in [0.5, 16] (or give step)")
+    if step is not None and not (isinstance(step, (int, float)) and 0 < step < float("inf")):
+        raise EncodeError("step must be a positive number")
+    if not rans.MIN_LANE_SYMBOLS <= lane_symbols <= rans.MAX_LANE_SYMBOLS:
+        raise EncodeError(f"lane_symbols must be in [{rans.MIN_LANE_SYMBOLS}, {rans.MAX_LANE_SYMBOLS}]")
+    if scale_dtype not in SCALE_DTYPES:
+        raise EncodeError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
+
+
+@register_codec
+class EcsqCodec(LatentCodec):
+    """Config: ``bits`` (target bits per weight, a real number; default 4), or ``step`` (the normalised
+    quantizer step, skipping rate control), ``centroids`` (reconstruct at cell centroids; else midpoints),
+    ``lane_symbols``, ``scale_dtype``."""
+
+    codec_id = "ecsq"
+
+    def __init__(
+        self,
+        bits: float | None = 4.0,
+        step: float | None = None,
+        centroids: bool = True,
+        lane_symbols: int = rans.DEFAULT_LANE_SYMBOLS,
+        scale_dtype: str = "float16",
+    ) -> None:
+        check_rate_config(bits, step, lane_symbols, scale_dtype)
+        self.bits, self.step, self.centroids = bits, step, bool(centroids)
+        self.lane_symbols, self.scale_dtype = lane_symbols, scale_dtype
+
+    def get_config(self) -> dict[str, Any]:
+        rate = {"step": self.step} if self.step is not None else {"bits": self.bits}
+        return {**rate, "centroids": self.centroids, "lane_symbols": self.lane_symbols, "scale_dtype": self.scale_dtype}
+
+    # ------------------------------------------------------------------------------------------ encode
+    def encode(self, tensor: torch.Tensor, ctx: EncodeContext | None = None) -> EncodedTensor:
+        self.check_input(tensor)
+        rows, cols = matrix_shape(tuple(tensor.shape))
+        weight = tensor.detach().to(torch.float32).reshape(rows, cols)
+        scale0 = ecsq.row_rms(weight, self.scale_dtype)
+        normalised = weight / scale0[:, None]
+        n = rows * cols
+        context = Context()
+        side = rows * SCALE_DTYPES[self.scale_dtype].itemsize
+
+        def estimate(step: float) -> float:
+            q, _, alphabet = ecsq.latents(normalised, step)
+            if alphabet > rans.MAX_ALPHABET:
+                return float("inf")
+            counts = np.bincount((q - q.min()).reshape(-1).numpy(), minlength=alphabet)[None]
+            stream_bytes, _ = latents.estimate_bytes(counts, n, self.lane_symbols)
+            return 8 * (stream_bytes + side + 4 * alphabet) / n
+
+        def encode_at(step: float) -> tuple[float, EncodedTensor]:
+            result = ecsq.quantize(weight, normalised, step, self.scale_dtype, self.centroids)
+            alphabet = result.recon.numel()
+            latents.check_alphabet(alphabet, self.codec_id)
+            freqs = latents.tables_for(latents.table_counts(result.symbols, alphabet, context))
+            stream = latents.encode_stream(result.symbols, freqs, context, self.lane_symbols)
+            segments = {
+                PRIMARY_SEGMENT: torch.from_numpy(stream.words),
+                LANES_SEGMENT: torch.from_numpy(stream.lanes),
+                TABLES_SEGMENT: torch.from_numpy(freqs),
+                RECON_SEGMENT: result.recon.reshape(1, alphabet),
+                SCALE_SEGMENT: result.scale.to(SCALE_DTYPES[self.scale_dtype]),
+            }
+            nbytes = sum(s.numel() * s.element_size() for s in segments.values())
+            params = {
+                "levels": 1,
+                "lane_symbols": self.lane_symbols,
+                "scale_dtype": self.scale_dtype,
+                "step": float(np.float32(step)),
+                "centroids": self.centroids,
+            }
+            if self.step is None:
+                params["bits_target"] = self.bits
+            return 8 * nbytes / n, EncodedTensor(segments, params)
+
+        if self.step is not None:
+            return encode_at(float(self.step))[1]
+        step = bisect_step(estimate, self.bits)
+        return meet_target(encode_at, step, self.bits)[1]
+
+    # ------------------------------------------------------------------------------------------ decode
+    @classmethod
+    def expected_segments(cls, record: TensorRecord, layout: LatentLayout) -> set[str]:
+        return {*super().expected_segments(record, layout), RECON_SEGMENT}
+
+    @classmethod
+    def validate(cls, record: TensorRecord, segments: Mapping[str, TensorInfo]) -> None:
+        super().validate(record, segments)
+        layout = cls.layout(record)
+        alphabet = segments[TABLES_SEGMENT].shape[1]
+        expect(record, segments[RECON_SEGMENT], "F32", (layout.n_levels, alphabet), RECON_SEGMENT)
+
+    @classmethod
+    def check(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor]) -> None:
+        super().check(record, segments)
+        if not bool(torch.isfinite(segments[RECON_SEGMENT]).all()):
+            raise FormatError(f"tensor {record.name!r}: reconstruction values must be finite")
+
+    @classmethod
+    def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        layout = cls.layout(record)
+        cls.check(record, segments)
+        symbols = cls.decode_symbols(record, segments).to(device)
+        recon = segments[RECON_SEGMENT].to(device)
+        alphabet = recon.shape[1]
+        if layout.n_levels > 1:
+            levels = segments[LEVELS_SEGMENT].to(device=device, dtype=torch.int64)
+            symbols = symbols.view(layout.rows, layout.cols) + levels[None, :] * alphabet
+        values = recon.reshape(-1)[symbols.reshape(-1)].view(layout.rows, layout.cols)
+        scale = segments[SCALE_SEGMENT].to(device=device, dtype=torch.float32)
+        return (values * scale[:, None]).to(out_dtype(record)).reshape(record.shape)

@@ -1,0 +1,200 @@
+"""The entropy-coded latent layout shared by ``ecsq`` and ``neural`` (``spec/codecs/latent.md``).
+
+A tensor is viewed as ``[rows, cols]`` (``rows = shape[0]``). Each row has a scale (fp16/bf16), each column an
+optional importance level (``levels`` segment, uint8; absent: every column has level 0). The tensor's integer
+latents, as indices into an alphabet of ``K`` symbols, are coded by the rANS engine (:mod:`nwcfmt.entropy`):
+segments ``data`` (16-bit words), ``lanes`` (start state and word count per lane) and ``tables`` (uint16
+frequencies ``[n_levels * channels, K]``). What the latents mean is the codec's:
+
+* ``ecsq``: one latent per weight, row-major; ``recon`` (fp32 ``[n_levels, K]``) gives each symbol's value in
+  row-scale units, so ``w[r, c] = recon[level[c], sym] * scale[r]`` (one fp32 product, rounded once).
+* ``neural``: 16 latents per chunk of 16 rows of one column, rebuilt by the decoder network the record
+  references (:mod:`nwcfmt.codecs.neural`).
+
+Decoders use the stored integer tables as they are; every size is checked against the record before decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec
+from nwcfmt.constants import DTYPE_NAMES
+from nwcfmt.container.manifest import TensorRecord
+from nwcfmt.container.safetensors_io import TensorInfo
+from nwcfmt.entropy import rans
+from nwcfmt.entropy.rans import Context, RansStream
+from nwcfmt.entropy.tables import check_tables
+from nwcfmt.errors import EncodeError, FormatError
+
+LANES_SEGMENT, TABLES_SEGMENT, SCALE_SEGMENT, LEVELS_SEGMENT = "lanes", "tables", "scale", "levels"
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+SCALE_ST = {"float16": "F16", "bfloat16": "BF16"}
+MAX_LEVELS = 4
+LATENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """Geometry and entropy-stream parameters of one record, validated."""
+
+    rows: int
+    cols: int
+    n_symbols: int
+    lane_symbols: int
+    channels: int
+    n_levels: int
+    level_run: int
+    scale_dtype: str
+
+    @property
+    def n_lanes(self) -> int:
+        return rans.n_lanes(self.n_symbols, self.lane_symbols)
+
+    @property
+    def n_tables(self) -> int:
+        return self.channels * self.n_levels
+
+    def context(self, levels: np.ndarray | None) -> Context:
+        return Context(self.channels, levels, self.level_run, self.n_levels)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    rows = shape[0] if len(shape) >= 2 else 1
+    return rows, math.prod(shape) // rows
+
+
+def int_param(record: TensorRecord, key: str, lo: int, hi: int) -> int:
+    value = record.params.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise FormatError(f"tensor {record.name!r}: param {key!r} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def expect(record: TensorRecord, info: TensorInfo, dtype: str, shape: tuple[int, ...], name: str) -> None:
+    if info.dtype != dtype or tuple(info.shape) != shape:
+        raise FormatError(
+            f"tensor {record.name!r}: segment {name!r} is {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}"
+        )
+
+
+class LatentCodec(Codec):
+    """Storage, validation and entropy decoding of the latent layout; subclasses say what latents mean."""
+
+    version = 1
+    exact = False
+    base_segments: ClassVar[tuple[str, ...]] = (PRIMARY_SEGMENT, LANES_SEGMENT, TABLES_SEGMENT, SCALE_SEGMENT)
+    chunk: ClassVar[int] = 1  # latents per position: symbol i belongs to position i // chunk
+
+    # ------------------------------------------------------------------------------------------ layout
+    @classmethod
+    def n_symbols(cls, rows: int, cols: int) -> int:
+        return rows * cols
+
+    @classmethod
+    def channels_of(cls, record: TensorRecord) -> int:
+        return 1
+
+    @classmethod
+    def layout(cls, record: TensorRecord) -> LatentLayout:
+        if record.dtype not in ("float32", "float16", "bfloat16") or not record.shape or 0 in record.shape:
+            raise FormatError(f"tensor {record.name!r}: {record.codec} tensors must be non-empty float tensors")
+        if record.params.get("scale_dtype") not in SCALE_DTYPES:
+            raise FormatError(f"tensor {record.name!r}: param 'scale_dtype' must be one of {', '.join(SCALE_DTYPES)}")
+        rows, cols = matrix_shape(record.shape)
+        lane = int_param(record, "lane_symbols", rans.MIN_LANE_SYMBOLS, rans.MAX_LANE_SYMBOLS)
+        channels = cls.channels_of(record)
+        if lane % channels:
+            raise FormatError(f"tensor {record.name!r}: lane_symbols must be a multiple of the channels")
+        n_levels = int_param(record, "levels", 1, MAX_LEVELS)
+        return LatentLayout(
+            rows, cols, cls.n_symbols(rows, cols), lane, channels, n_levels, cls.chunk, record.params["scale_dtype"]
+        )
+
+    @classmethod
+    def expected_segments(cls, record: TensorRecord, layout: LatentLayout) -> set[str]:
+        return {*cls.base_segments, *((LEVELS_SEGMENT,) if layout.n_levels > 1 else ())}
+
+    @classmethod
+    def validate(cls, record: TensorRecord, segments: Mapping[str, TensorInfo]) -> None:
+        layout = cls.layout(record)
+        expected = cls.expected_segments(record, layout)
+        if set(segments) != expected:
+            raise FormatError(
+                f"tensor {record.name!r}: {record.codec} expects segments {sorted(expected)}, found {sorted(segments)}"
+            )
+        data = segments[PRIMARY_SEGMENT]
+        if data.dtype != "U16" or len(data.shape) != 1 or data.shape[0] > layout.n_symbols:
+            raise FormatError(f"tensor {record.name!r}: segment 'data' must be 1-D U16 of at most one word a symbol")
+        expect(record, segments[LANES_SEGMENT], "U32", (layout.n_lanes, 2), LANES_SEGMENT)
+        tables = segments[TABLES_SEGMENT]
+        if tables.dtype != "U16" or len(tables.shape) != 2 or tables.shape[0] != layout.n_tables:
+            raise FormatError(f"tensor {record.name!r}: segment 'tables' must be U16 [{layout.n_tables}, alphabet]")
+        if not 1 <= tables.shape[1] <= rans.MAX_ALPHABET:
+            raise FormatError(f"tensor {record.name!r}: alphabet must hold 1 to {rans.MAX_ALPHABET} symbols")
+        expect(record, segments[SCALE_SEGMENT], SCALE_ST[layout.scale_dtype], (layout.rows,), SCALE_SEGMENT)
+        if layout.n_levels > 1:
+            expect(record, segments[LEVELS_SEGMENT], "U8", (layout.cols,), LEVELS_SEGMENT)
+
+    @classmethod
+    def check(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor]) -> None:
+        layout = cls.layout(record)
+        reason = check_tables(segments[TABLES_SEGMENT].numpy())
+        if reason:
+            raise FormatError(f"tensor {record.name!r}: {reason}")
+        scale = segments[SCALE_SEGMENT].to(torch.float32)
+        if not bool(torch.isfinite(scale).all()):
+            raise FormatError(f"tensor {record.name!r}: row scales must be finite")
+        if layout.n_levels > 1 and int(segments[LEVELS_SEGMENT].max()) >= layout.n_levels:
+            raise FormatError(f"tensor {record.name!r}: a column level is not below 'levels'")
+
+    @classmethod
+    def stream(cls, segments: Mapping[str, torch.Tensor]) -> RansStream:
+        return RansStream(segments[PRIMARY_SEGMENT].numpy(), segments[LANES_SEGMENT].numpy())
+
+    @classmethod
+    def decode_symbols(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The latents as alphabet indices (int64, CPU), decoded exactly from the stored stream and tables."""
+        layout = cls.layout(record)
+        levels = segments[LEVELS_SEGMENT].numpy() if layout.n_levels > 1 else None
+        symbols = rans.decode(
+            cls.stream(segments),
+            segments[TABLES_SEGMENT].numpy(),
+            layout.context(levels),
+            layout.n_symbols,
+            layout.lane_symbols,
+            f"tensor {record.name!r}",
+        )
+        return torch.from_numpy(symbols.astype(np.int64))
+
+    @classmethod
+    def describe(cls, record: TensorRecord, segments: Mapping[str, TensorInfo]) -> dict[str, Any]:
+        layout = cls.layout(record)
+        parts = {name: info.nbytes for name, info in segments.items()}
+        return {
+            "latents": layout.n_symbols,
+            "alphabet": segments[TABLES_SEGMENT].shape[1],
+            "levels": layout.n_levels,
+            "bits_target": record.params.get("bits_target"),
+            "bytes": parts,
+        }
+
+    # ------------------------------------------------------------------------------------------ encode helpers
+    def check_input(self, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in LATENT_DTYPES or tensor.dim() < 1 or tensor.numel() == 0:
+            raise EncodeError(f"{self.codec_id} encodes non-empty float tensors, not {tensor.dtype}{list(tensor.shape)}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise EncodeError(f"{self.codec_id} cannot encode a tensor holding inf or NaN")
+
+    def supports(self, tensor: torch.Tensor) -> bool:
+        return tensor.dtype in LATENT_DTYPES and tensor.dim() >= 1 and tensor.numel() > 0
+
+
+def out_dtype(record: TensorRecord) -> torch.dtype:
+    return DTYPE_NAMES[record.dtype]
