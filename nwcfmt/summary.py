@@ -33,6 +33,11 @@ class TensorStat:
     def note(self) -> str:
         """A short human summary of the codec details, e.g. ``4b g128 asym, zstd -7.9%``."""
         d = self.details
+        if "latents" in d:  # entropy-coded latents: the target and where the bytes go
+            total = max(sum(d["bytes"].values()), 1)
+            parts = " ".join(f"{k} {100 * v / total:.1f}%" for k, v in d["bytes"].items())
+            target = f"target {d['bits_target']:g}, " if d.get("bits_target") is not None else ""
+            return f"{target}{d['alphabet']} symbols; {parts}"
         if "bits" not in d:
             return ""
         text = f"{d['bits']}b {d['group']} {'sym' if d['symmetric'] else 'asym'}"

@@ -34,6 +34,23 @@ def parse_size(text: str) -> int:
     return int(number * base ** " KMGT".index(unit or " "))
 
 
+class BitsType(click.ParamType):
+    """``--bits``: a positive number; integral values stay integers (the integer-code quantizers need them)."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return value
+        try:
+            number = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not 0 < number < float("inf"):
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return int(number) if number.is_integer() else number
+
+
 def parse_params(items: tuple[str, ...]) -> dict:
     """``("bits=4", "profile=fast")`` -> ``{"bits": 4, "profile": "fast"}`` (values parsed as JSON when they can be)."""
     params = {}
@@ -129,7 +146,7 @@ def hub_options(fn: Callable) -> Callable:
 @click.argument("src")
 @click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Output folder or file.")
 @click.option(
-    "--codec", type=CodecChoice(), default=None, help="Default codec [lossless]; gptq, flexround, lrq calibrate."
+    "--codec", type=CodecChoice(), default=None, help="Default codec [lossless]; ecsq and neural entropy-code latents at --bits; gptq, flexround, lrq calibrate."
 )
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Store tensors matching GLOB raw (repeatable).")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path), help="JSON policy file (see docs).")
@@ -140,7 +157,12 @@ def hub_options(fn: Callable) -> Callable:
     metavar="KEY=VALUE",
     help="Codec parameter for the default codec (repeatable), e.g. profile=fast or chunk_elems=65536.",
 )
-@click.option("--bits", type=int, default=None, help="Quantizing codecs: bits per weight code (2-8).")
+@click.option(
+    "--bits",
+    type=BitsType(),
+    default=None,
+    help="Integer-code quantizers: bits per code (2-8); ecsq and neural: target bits per weight, a real number [4].",
+)
 @click.option(
     "--group-size", type=int, default=None, help="Quantizing codecs: values per scale (0 per channel, -1 per tensor)."
 )
