@@ -93,6 +93,12 @@ def _build_seeds(folder: Path) -> dict[str, tuple[bytes, bool]]:
         w.write("f32", torch.randn(300, generator=g), "lossless", chunk_elems=256, raw_if_larger=False)
     paths["noise"] = folder / "noise.safetensors"
 
+    paths["latent"] = folder / "latent.safetensors"  # entropy-coded latents: rANS lanes, tables, side information
+    with NwcWriter(paths["latent"]) as w:
+        w.write("e", torch.randn(40, 64, generator=g) * 0.02, "ecsq", bits=3, lane_symbols=1024)
+        w.write("b", torch.randn(3, 700, generator=g).bfloat16(), "ecsq", bits=2.5, lane_symbols=1024)
+        w.write("c", torch.full((5, 7), 0.25), "ecsq", bits=4, lane_symbols=1024)
+
     paths["plain"] = folder / "plain.safetensors"
     save_file({"a": torch.randn(4, 4, generator=g).half(), "b": torch.arange(3)}, str(paths["plain"]))
     return {name: (p.read_bytes(), name == "plain") for name, p in paths.items()}

@@ -45,6 +45,67 @@ MAX_LANE_SYMBOLS = (1 << 31) - 1  # the step counter is an int32
 
 # --------------------------------------------------------------------------------------------- device code
 @triton.jit
+def _decode_step(
+    x,
+    pos,
+    chan,
+    in_run,
+    run,
+    active,
+    dest,
+    table_ptr,
+    levels_ptr,
+    words,
+    limit,
+    channels,
+    level_run,
+    n_levels,
+    zero,
+    one,
+    slot_mask,
+    low,
+    HAS_LEVELS: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One symbol of every lane: store it at ``dest`` and return the next (x, pos, chan, in_run, run).
+
+    ``MASKED``: some live lanes have ended (``active`` tells which go on); otherwise every live lane decodes
+    and ``active`` only keeps the lanes past the last one (whose table reads stay in bounds) from storing.
+    """
+    # the lane's next word, read ahead of knowing whether it is needed: it does not wait for the table read
+    word = tl.load(words + pos, mask=pos < limit, other=0)
+    if HAS_LEVELS:
+        if MASKED:
+            level = tl.load(levels_ptr + run, mask=active, other=0).to(tl.int32)
+        else:
+            level = tl.load(levels_ptr + run).to(tl.int32)
+        row = table_ptr + ((chan + channels * level) << 15)
+    else:
+        row = table_ptr + (chan << 15)
+    if MASKED:
+        entry = tl.load(row + (x & slot_mask).to(tl.int32), mask=active, other=0)
+    else:
+        entry = tl.load(row + (x & slot_mask).to(tl.int32))
+    nx = (entry.to(tl.uint32) >> 16) * (x >> 15) + (entry >> 32).to(tl.uint32)
+    need = nx < low
+    if MASKED:
+        need = need & active
+    nx = tl.where(need, (nx << 16) | word.to(tl.uint32), nx)
+    pos += need.to(tl.int64)
+    x = tl.where(active, nx, x) if MASKED else nx
+    tl.store(dest, entry.to(tl.uint16), mask=active)
+    chan += one
+    chan = tl.where(chan == channels, zero, chan)
+    if HAS_LEVELS:
+        in_run += one
+        wrap = in_run == level_run
+        in_run = tl.where(wrap, zero, in_run)
+        run = tl.where(wrap, run + one, run)
+        run = tl.where(run == n_levels, zero, run)
+    return x, pos, chan, in_run, run
+
+
+@triton.jit
 def _rans_decode_kernel(
     words_ptr,  # u16 [n_words]: every lane's words, lane after lane
     start_ptr,  # i64 [n_lanes]: start states (the encoder's final states)
@@ -79,7 +140,7 @@ def _rans_decode_kernel(
     first = lane.to(tl.int64) * lane_symbols  # stream index of the lane's first symbol
     length = tl.minimum(n - first, lane_symbols)  # <= 0 past the last lane
     out = out_ptr + first
-    # the table of the next symbol i: chan = i % channels, in_run = i % level_run, run = i // level_run % n_levels
+    # the table of symbol i: chan = i % channels, in_run = i % level_run, run = i // level_run % n_levels
     chan = (first % channels).to(tl.int32)
     if HAS_LEVELS:
         run_idx = first // level_run
@@ -88,32 +149,24 @@ def _rans_decode_kernel(
     else:
         in_run = chan  # unused
         run = chan
+    # loop constants as tensors: the interpreter converts a Python constant on every use
+    zero = tl.zeros([BLOCK], dtype=tl.int32)
+    one = zero + 1
+    slot_mask = (zero + 0x7FFF).to(tl.uint32)
+    low = (zero + 65536).to(tl.uint32)
 
-    for j in range(0, lane_symbols):
-        active = j < length
-        if HAS_LEVELS:
-            level = tl.load(levels_ptr + run, mask=active, other=0).to(tl.int32)
-            table = chan + channels * level
-        else:
-            table = chan
-        slot = (x & 0x7FFF).to(tl.int32)
-        entry = tl.load(table_ptr + ((table << 15) + slot), mask=active, other=0)
-        freq = entry.to(tl.uint32) >> 16
-        nx = freq * (x >> 15) + (entry >> 32).to(tl.uint32)
-        need = active & (nx < 65536)
-        word = tl.load(words + pos, mask=need & (pos < limit), other=0)
-        nx = tl.where(need, (nx << 16) | word.to(tl.uint32), nx)
-        pos += need.to(tl.int64)
-        x = tl.where(active, nx, x)
-        tl.store(out + j, entry.to(tl.uint16), mask=active)
-        chan += 1
-        chan = tl.where(chan == channels, 0, chan)
-        if HAS_LEVELS:
-            in_run += 1
-            wrap = in_run == level_run
-            in_run = tl.where(wrap, 0, in_run)
-            run = tl.where(wrap, run + 1, run)
-            run = tl.where(run == n_levels, 0, run)
+    # steps every live lane takes (all but the stream's last lane are full), then the last lane's end
+    full = tl.min(tl.where(live, length, lane_symbols)).to(tl.int32)
+    for j in range(0, full):
+        x, pos, chan, in_run, run = _decode_step(
+            x, pos, chan, in_run, run, live, out + j, table_ptr, levels_ptr, words, limit, channels, level_run,
+            n_levels, zero, one, slot_mask, low, HAS_LEVELS, False,
+        )  # fmt: skip
+    for j in range(full, lane_symbols):
+        x, pos, chan, in_run, run = _decode_step(
+            x, pos, chan, in_run, run, j < length, out + j, table_ptr, levels_ptr, words, limit, channels,
+            level_run, n_levels, zero, one, slot_mask, low, HAS_LEVELS, True,
+        )  # fmt: skip
 
     # pos only grows, so pos == count <= limit means that no read went past the lane's words or the stream
     ok = live & (start >= 65536) & (start < 4294967296) & (x == 65536) & (pos == count) & (count <= limit)
@@ -227,10 +280,8 @@ def decode_lanes(
         return out, ok.bool()
     starts, counts, offsets = lane_arrays(lanes)
     table = slot_table(freqs, cum, lut)
-    if levels is None:
-        levels_t = ok  # a placeholder pointer, never read
-    else:
-        levels_t = levels.to(device=device, dtype=torch.uint8).contiguous()
+    # without levels, any tensor serves as the (never read) levels pointer
+    levels_t = ok if levels is None else levels.to(device=device, dtype=torch.uint8).contiguous()
     _rans_decode_kernel[(triton.cdiv(lane_count, block),)](
         words.contiguous().view(torch.uint16),
         starts,
@@ -250,6 +301,7 @@ def decode_lanes(
         HAS_LEVELS=levels is not None,
         BLOCK=block,
         num_warps=num_warps,
+        enable_fp_fusion=False,  # no floating point; stated to keep triton from warning about its default
     )
     return out, ok.bool()
 
@@ -329,7 +381,9 @@ def compile_for(arch: int, has_levels: bool, block: int = BLOCK, num_warps: int 
         knobs.nvidia.dump_ptxas_log = True
         knobs.compilation.always_compile = True
         compiled = triton.compile(
-            kernel_source(has_levels, block), target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+            kernel_source(has_levels, block),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": num_warps, "enable_fp_fusion": False},
         )
     text = log.getvalue()
     regs = re.search(r"Used (\d+) registers", text)
