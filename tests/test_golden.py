@@ -58,6 +58,7 @@ UNITS = {
     "rtn": (["rtn.safetensors"], "rtn.expected.safetensors"),
     # megabytes of decoded values (packed codes above 2^20 bytes): the expected file is stored zstd-compressed
     "rtn_zstd_chunks": (["rtn_zstd_chunks.safetensors"], "rtn_zstd_chunks.expected.safetensors.zst"),
+    "latent": (["latent.safetensors"], "latent.expected.safetensors"),
 }
 NWC_FILES = [f for files, _ in UNITS.values() for f in files]
 
@@ -80,7 +81,8 @@ def expected_bits(unit: str) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
 
 
 # ======================================================================================= spec-only decoder
-# Written from spec/format-v1.md, spec/codecs/raw.md, spec/codecs/lossless.md and spec/codecs/quant.md only.
+# Written from spec/format-v1.md, spec/codecs/raw.md, spec/codecs/lossless.md, spec/codecs/quant.md,
+# spec/entropy.md and spec/codecs/latent.md only.
 
 # safetensors dtype -> (manifest dtype, bytes per element)        [format-v1.md, "Element types"]
 SPEC_DTYPES = {
@@ -149,7 +151,8 @@ def spec_decode_file(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]
     manifest = json.loads(metadata["nwc"])
     spec_check(manifest["format"] == "nwc", "not an NWC manifest")
     spec_check(manifest["format_version"].split(".")[0] == "1", "unsupported major version")
-    spec_check(not manifest["required_features"], "unknown required feature")
+    spec_check(set(manifest["required_features"]) <= {"shared_segments"}, "unknown required feature")
+    sharing = "shared_segments" in manifest["required_features"]
     alignment = manifest["alignment"]
     claimed = set()
     out = {}
@@ -157,7 +160,8 @@ def spec_decode_file(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]
         segments = {}
         for seg_name, ref in rec["segments"].items():
             e = entries[ref["tensor"]]
-            spec_check(ref["tensor"] not in claimed, "segment tensor claimed twice")
+            shared = sharing and ref["tensor"].startswith("__nwc_shared__.")
+            spec_check(shared or ref["tensor"] not in claimed, "segment tensor claimed twice")
             claimed.add(ref["tensor"])
             spec_check(e["start"] % alignment == 0 or e["start"] == e["end"], "misaligned segment")
             data = blob[e["start"] : e["end"]]
@@ -180,6 +184,8 @@ def spec_decode_file(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]
             out[rec["name"]] = (rec["dtype"], shape, words)
         elif rec["codec"] in QUANT_CODECS:
             out[rec["name"]] = (rec["dtype"], shape, spec_decode_quant(rec, segments))
+        elif rec["codec"] == "ecsq":
+            out[rec["name"]] = (rec["dtype"], shape, spec_decode_ecsq(rec, segments))
         else:
             raise SpecError(f"unknown codec {rec['codec']}")
     for name, e in entries.items():
@@ -391,6 +397,89 @@ def spec_decode_quant(rec: dict, segments: dict) -> bytes:
     if rec["dtype"] == "bfloat16":
         return (values.astype(np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
     return values.astype("<f4" if rec["dtype"] == "float32" else "<f2").tobytes()
+
+
+# ------------------------------------------------------------------------- latent layout (entropy.md, latent.md)
+SPEC_M, SPEC_LOW = 1 << 15, 1 << 16
+
+
+def spec_array(segments: dict, name: str, st_dtype: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    e, data = segments[name]
+    spec_check(e["dtype"] == st_dtype and (shape is None or e["shape"] == shape), f"segment {name}: dtype/shape")
+    np_dtype = {"U8": "<u1", "U16": "<u2", "U32": "<u4", "F32": "<f4", "F16": "<f2"}.get(st_dtype)
+    if st_dtype == "BF16":
+        return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(e["shape"])
+    return np.frombuffer(data, np_dtype).reshape(e["shape"])
+
+
+def spec_rans_symbols(n: int, lane: int, words: np.ndarray, lanes: np.ndarray, freqs: np.ndarray, table_of) -> list:
+    """entropy.md section 3, one lane after another, with Python integers."""
+    n_lanes = -(-n // lane)
+    spec_check(lanes.shape == (n_lanes, 2), "lanes: one (state, words) pair per lane")
+    spec_check(all(int(t.sum()) == SPEC_M for t in freqs.astype(np.int64)), "a table does not sum to 2^15")
+    spec_check(int(lanes[:, 1].astype(np.int64).sum()) == words.size, "lane word counts vs data")
+    cum = [[int(v) for v in np.concatenate([[0], np.cumsum(t.astype(np.int64))])] for t in freqs]
+    out, first = [], 0
+    for j in range(n_lanes):
+        x, count = int(lanes[j, 0]), int(lanes[j, 1])
+        lane_words = [int(w) for w in words[first : first + count]]
+        first += count
+        p = 0
+        spec_check(x >= SPEC_LOW, "start state below 2^16")
+        for i in range(j * lane, min(n, (j + 1) * lane)):
+            t = table_of(i)
+            slot = x % SPEC_M
+            k = next(k for k in range(len(cum[t]) - 1) if cum[t][k] <= slot < cum[t][k + 1])
+            x = int(freqs[t][k]) * (x // SPEC_M) + slot - cum[t][k]
+            if x < SPEC_LOW:
+                spec_check(p < count, "lane ran out of words")
+                x = x * 65536 + lane_words[p]
+                p += 1
+            out.append(k)
+        spec_check(x == SPEC_LOW and p == count, "lane does not end in state 2^16 with its words consumed")
+    return out
+
+
+def spec_to_dtype(values: np.ndarray, dtype: str) -> bytes:
+    """Round binary32 values to ``dtype`` (nearest, ties to even) and return their little-endian bytes."""
+    values = values.astype(np.float32)
+    if dtype == "float32":
+        return values.astype("<f4").tobytes()
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            return values.astype("<f2").tobytes()
+    u = values.view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").tobytes()
+
+
+def spec_decode_ecsq(rec: dict, segments: dict) -> bytes:
+    shape, params = rec["shape"], rec["params"]
+    rows = shape[0] if len(shape) >= 2 else 1
+    cols = math.prod(shape) // rows
+    n_levels, lane = params["levels"], params["lane_symbols"]
+    spec_check(1 <= n_levels <= 4 and 1024 <= lane <= 1 << 24, "ecsq params")
+    spec_check(rec["dtype"] in ("float32", "float16", "bfloat16"), "ecsq dtype")
+    expected = {"data", "lanes", "tables", "scale", "recon"} | ({"levels"} if n_levels > 1 else set())
+    spec_check(set(segments) == expected, "ecsq segments")
+    freqs = spec_array(segments, "tables", "U16")
+    spec_check(freqs.shape[0] == n_levels, "one table per level")
+    recon = spec_array(segments, "recon", "F32", (n_levels, freqs.shape[1]))
+    scale_st = {"float16": "F16", "bfloat16": "BF16"}[params["scale_dtype"]]
+    scale = spec_array(segments, "scale", scale_st, (rows,)).astype(np.float32)
+    levels = spec_array(segments, "levels", "U8", (cols,)) if n_levels > 1 else np.zeros(cols, np.uint8)
+    spec_check(int(levels.max()) < n_levels, "level out of range")
+    spec_check(bool(np.isfinite(recon).all()) and bool(np.isfinite(scale).all()), "non-finite side information")
+    symbols = spec_rans_symbols(
+        rows * cols,
+        lane,
+        spec_array(segments, "data", "U16"),
+        spec_array(segments, "lanes", "U32"),
+        freqs,
+        lambda i: int(levels[i % cols]),
+    )
+    sym = np.array(symbols, dtype=np.int64).reshape(rows, cols)
+    products = recon[levels[None, :].astype(np.int64), sym] * scale[:, None]  # float32 x float32 -> float32
+    return spec_to_dtype(products, rec["dtype"])
 
 
 # ============================================================================================== the tests

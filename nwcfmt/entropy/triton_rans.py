@@ -41,6 +41,8 @@ from nwcfmt.errors import FormatError
 BLOCK = 64  # lanes per program (one per thread)
 NUM_WARPS = 2
 MAX_LANE_SYMBOLS = (1 << 31) - 1  # the step counter is an int32
+MAX_TABLES = (1 << 16) - 1  # table rows are addressed with int32 (table << 15)
+MAX_ALPHABET = 1 << 16  # a symbol takes 16 bits of a slot table entry
 
 
 # --------------------------------------------------------------------------------------------- device code
@@ -176,7 +178,9 @@ def _rans_decode_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- host code
-def device_tables(freqs: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def device_tables(
+    freqs: np.ndarray, device: torch.device | str, where: str = "stream"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stored ``[T, K]`` frequencies -> ``(freqs, cum, lut)`` on ``device``: int32 ``[T, K]``, int32 ``[T, K]``
     and int32 ``[T, 2**15]``, the values of :func:`tables.cumulative` and :func:`tables.slot_lookup`.
 
@@ -186,7 +190,7 @@ def device_tables(freqs: np.ndarray, device: torch.device | str) -> tuple[torch.
     freqs = np.ascontiguousarray(freqs, dtype=np.uint16)
     reason = check_tables(freqs)
     if reason is not None:
-        raise FormatError(reason)
+        raise FormatError(f"{where}: {reason}")
     t, k = freqs.shape
     f = torch.from_numpy(freqs).to(device).to(torch.int32)
     cum = torch.cumsum(f, dim=1, dtype=torch.int32) - f
@@ -210,19 +214,23 @@ def slot_table(freqs: torch.Tensor, cum: torch.Tensor, lut: torch.Tensor) -> tor
 
 
 def unsupported_reason(
-    words: torch.Tensor, lanes: torch.Tensor, freqs: torch.Tensor, n: int, lane_symbols: int
+    words: torch.Tensor, lanes: torch.Tensor, tables_shape: tuple[int, ...], n: int, lane_symbols: int
 ) -> str | None:
-    """Why :func:`decode_lanes` does not take these arguments (None when it does)."""
+    """Why :func:`decode_lanes` does not take a stream of these tensors and sizes (None when it does).
+
+    ``tables_shape`` is the frequency tables' ``(T, K)``. Malformed streams are not "unsupported": they raise
+    FormatError when decoded.
+    """
     if words.dim() != 1 or words.dtype not in (torch.uint16, torch.int16):
         return f"words {words.dtype}{list(words.shape)} (expected 1-D uint16)"
-    if lanes.dim() != 2 or lanes.shape[1] != 2 or lanes.dtype not in (torch.uint32, torch.int32, torch.int64):
-        return f"lanes {lanes.dtype}{list(lanes.shape)} (expected uint32 [lanes, 2])"
-    if freqs.dim() != 2 or not 1 <= freqs.shape[1] <= rans.MAX_ALPHABET or freqs.shape[0] > rans.MAX_TABLES:
-        return f"frequency tables {list(freqs.shape)}"
-    if not 1 <= lane_symbols <= MAX_LANE_SYMBOLS or n < 0:
-        return f"{n} symbols in lanes of {lane_symbols}"
+    if lanes.dtype not in (torch.uint32, torch.int32, torch.int64):
+        return f"lanes {lanes.dtype} (expected uint32)"
     if lanes.device != words.device:
         return f"lanes on {lanes.device}, words on {words.device}"
+    if len(tables_shape) == 2 and not (tables_shape[0] <= MAX_TABLES and tables_shape[1] <= MAX_ALPHABET):
+        return f"{tables_shape[0]} tables of {tables_shape[1]} symbols"
+    if not 1 <= lane_symbols <= MAX_LANE_SYMBOLS or not 0 <= n < 1 << 62:
+        return f"{n} symbols in lanes of {lane_symbols}"
     return None
 
 
@@ -261,13 +269,14 @@ def decode_lanes(
     levels[(i // level_run) % n_levels]``), which must exist. Symbols of lanes whose flag is false are garbage:
     check the flags (:func:`check_lanes`) before using them. ValueError on arguments the kernel does not take.
     """
-    reason = unsupported_reason(words, lanes, freqs, n, lane_symbols)
+    reason = unsupported_reason(words, lanes, tuple(freqs.shape), n, lane_symbols)
     if reason is not None:
         raise ValueError(f"the Triton rANS decoder does not support {reason}")
     device = words.device
     lane_count = rans.n_lanes(n, lane_symbols)
-    if lanes.shape[0] != lane_count:
-        raise FormatError(f"{where}: expected {lane_count} lanes, found {lanes.shape[0]}")
+    if lanes.shape != (lane_count, 2):
+        found = lanes.shape[0] if lanes.dim() else 0
+        raise FormatError(f"{where}: expected {lane_count} lanes, found {found}")
     tables = int(freqs.shape[0])
     n_levels = 0 if levels is None else int(levels.numel())
     if channels < 1 or level_run < 1 or (levels is not None and n_levels == 0):
@@ -339,6 +348,36 @@ def context_arrays(context: rans.Context, tables: int, where: str = "stream") ->
     if context.channels * (top + 1) > tables:
         raise FormatError(f"{where}: the context needs {context.channels * (top + 1)} tables, the stream has {tables}")
     return levels
+
+
+def decode_stream(
+    words: torch.Tensor,
+    lanes: torch.Tensor,
+    freqs: np.ndarray,
+    context: rans.Context,
+    n: int,
+    lane_symbols: int,
+    where: str = "stream",
+    *,
+    block: int = BLOCK,
+) -> torch.Tensor:
+    """:func:`rans.decode` on the device of ``words``: ``uint16[n]`` symbols, or FormatError (one sync).
+
+    ``words`` (uint16 or its int16 view) and ``lanes`` (``[n_lanes, 2]``, uint32 or its int32 view, or int64)
+    are the stream on the device; ``freqs`` (``uint16[T, K]``) and the context's levels are copied to it.
+    """
+    freqs = np.ascontiguousarray(freqs, dtype=np.uint16)
+    if freqs.ndim != 2:
+        raise FormatError(f"{where}: frequency tables must be a [tables, alphabet] array")
+    levels = context_arrays(context, freqs.shape[0], where)
+    f, cum, lut = device_tables(freqs, words.device, where)
+    levels_t = None if levels is None else torch.from_numpy(levels).to(words.device)
+    symbols, ok = decode_lanes(
+        words, lanes, f, cum, lut, levels_t, context.channels, context.level_run, n, lane_symbols, block=block,
+        where=where,
+    )  # fmt: skip
+    check_lanes(ok, lanes, words.numel(), n, lane_symbols, where)
+    return symbols
 
 
 # ------------------------------------------------------------------------------------------------ compiling

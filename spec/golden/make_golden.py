@@ -30,6 +30,7 @@ from safetensors.torch import save, save_file
 
 import nwcfmt
 from nwcfmt import NwcWriter
+from nwcfmt.codecs.base import EncodedTensor
 from nwcfmt.codecs.flexround import FlexRoundCodec
 from nwcfmt.codecs.gptq import GptqCodec
 from nwcfmt.codecs.lrq import LrqCodec
@@ -454,6 +455,53 @@ def build_rtn_zstd_chunks(path: Path) -> dict[str, torch.Tensor]:
     return decode_all(path)
 
 
+def write_ecsq_levels(w: NwcWriter) -> None:
+    """A hand-built ``ecsq`` record with 3 column levels: one table and one row of ``recon`` per level (level 2
+    uses only symbols 0 and 1), two lanes of 1024 symbols and a short third, fp16 row scales."""
+    from nwcfmt.codecs.ecsq import EcsqCodec
+    from nwcfmt.encoders.latents import encode_stream, table_counts, tables_for
+    from nwcfmt.entropy.rans import Context
+
+    rows, cols, alphabet = 5, 500, 5
+    levels = (random_bytes("latent.levels", cols) % 3).astype(np.uint8)
+    symbols = (random_bytes("latent.symbols", rows * cols) % alphabet).astype(np.int64)
+    col_level = np.tile(levels, rows)
+    symbols[col_level == 2] %= 2
+    context = Context(channels=1, levels=levels, level_run=1, n_levels=3)
+    freqs = tables_for(table_counts(symbols, alphabet, context))
+    stream = encode_stream(symbols, freqs, context, 1024)
+    recon = torch.tensor([[-1.5, -0.5, 0.0, 0.5, 1.5], [-3.0, -1.0, 0.0, 1.0, 3.0], [-0.125, 0.375, 0.0, 0.0, 0.0]])
+    scale = f16(random_u16("latent.scale", rows) & 0x3FFF | 0x2000)  # positive, normal
+    encoded = EncodedTensor(
+        {
+            "data": torch.from_numpy(stream.words),
+            "lanes": torch.from_numpy(stream.lanes),
+            "tables": torch.from_numpy(freqs),
+            "recon": recon,
+            "scale": scale,
+            "levels": torch.from_numpy(levels),
+        },
+        {"levels": 3, "lane_symbols": 1024, "scale_dtype": "float16"},
+    )
+    w.append("ecsq.levels3.fp16", torch.empty(rows, cols, dtype=torch.float16), EcsqCodec(), encoded)
+
+
+def build_latent(path: Path) -> dict[str, torch.Tensor]:
+    """The entropy-coded latent layout of codecs/latent.md: what the ``ecsq`` encoder writes (several lanes with
+    a short last one, one lane, a one-symbol alphabet with no words, rank 1, 2 and 3, all three dtypes, both
+    scale dtypes, midpoint reconstruction) and a hand-built record with column levels."""
+    bf, hf, ff = torch.bfloat16, torch.float16, torch.float32
+    with NwcWriter(path) as w:
+        w.write("ecsq.b4.fp32", weights("latent.a", (40, 64), ff), "ecsq", bits=4, lane_symbols=1024)
+        w.write("ecsq.b2.5.bf16", weights("latent.b", (3, 700), bf), "ecsq", bits=2.5, lane_symbols=1024)
+        w.write("ecsq.b6.fp16.1d", weights("latent.c", (1500,), hf), "ecsq", bits=6, lane_symbols=2048,
+                scale_dtype="bfloat16")  # fmt: skip
+        w.write("ecsq.b3.mid.3d", weights("latent.d", (2, 8, 64), bf), "ecsq", bits=3, centroids=False)
+        w.write("ecsq.constant", torch.full((4, 300), -0.5, dtype=ff), "ecsq", bits=4, lane_symbols=1024)
+        write_ecsq_levels(w)
+    return decode_all(path)
+
+
 BUILDERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
     "raw_dtypes.safetensors": build_raw_dtypes,
     "lossless_bf16.safetensors": build_lossless_bf16,
@@ -464,6 +512,7 @@ BUILDERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
     "quant_ids.safetensors": build_quant_ids,
     "rtn.safetensors": build_rtn,
     "rtn_zstd_chunks.safetensors": build_rtn_zstd_chunks,
+    "latent.safetensors": build_latent,
 }
 # expected-values files too large to commit as they are (megabytes of repeated values): stored zstd-compressed
 COMPRESSED_EXPECTED = {"rtn_zstd_chunks.safetensors"}
