@@ -7,7 +7,7 @@ in fp32, rounded once to the tensor's dtype, on any device (spec/codecs/latent.m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,12 +30,13 @@ from nwcfmt.codecs.registry import register_codec
 from nwcfmt.container.manifest import TensorRecord
 from nwcfmt.container.safetensors_io import TensorInfo
 from nwcfmt.encoders import ecsq, latents
-from nwcfmt.encoders.rate import bisect_step, meet_target
+from nwcfmt.encoders.rate import bisect_step, gaussian_step, meet_target
 from nwcfmt.entropy import rans
 from nwcfmt.entropy.rans import Context
 from nwcfmt.errors import EncodeError, FormatError
 
 RECON_SEGMENT = "recon"
+SAMPLE_SYMBOLS = 1 << 16  # rate control bisects on an evenly strided subsample of about this many weights first
 
 
 def check_rate_config(bits: float | None, step: float | None, lane_symbols: int, scale_dtype: str) -> None:
@@ -85,13 +86,22 @@ class EcsqCodec(LatentCodec):
         context = Context()
         side = rows * SCALE_DTYPES[self.scale_dtype].itemsize
 
-        def estimate(step: float) -> float:
-            q, _, alphabet = ecsq.latents(normalised, step)
-            if alphabet > rans.MAX_ALPHABET:
-                return float("inf")
-            counts = np.bincount((q - q.min()).reshape(-1).numpy(), minlength=alphabet)[None]
-            stream_bytes, _ = latents.estimate_bytes(counts, n, self.lane_symbols)
-            return 8 * (stream_bytes + side + 4 * alphabet) / n
+        y_min, y_max = float(normalised.min()), float(normalised.max())
+        flat = normalised.reshape(-1)
+        sample = flat[:: max(1, n // SAMPLE_SYMBOLS)]
+
+        def estimate_on(values: torch.Tensor) -> Callable[[float], float]:
+            def bits_at(step: float) -> float:
+                q_min = round(y_min / step)  # round is monotonic: the extremes give the alphabet
+                alphabet = round(y_max / step) - q_min + 1
+                if alphabet > rans.MAX_ALPHABET:
+                    return float("inf")
+                q = torch.round(values / step).to(torch.int64).numpy()
+                scaled = np.bincount(q - q_min, minlength=alphabet)[None] * (n / values.numel())
+                stream_bytes, _ = latents.estimate_bytes(scaled, n, self.lane_symbols)
+                return 8 * (stream_bytes + side + 4 * alphabet) / n
+
+            return bits_at
 
         def encode_at(step: float) -> tuple[float, EncodedTensor]:
             result = ecsq.quantize(weight, normalised, step, self.scale_dtype, self.centroids)
@@ -120,7 +130,9 @@ class EcsqCodec(LatentCodec):
 
         if self.step is not None:
             return encode_at(float(self.step))[1]
-        step = bisect_step(estimate, self.bits)
+        guess = gaussian_step(self.bits)  # a subsample first, then every value near its answer
+        rough = bisect_step(estimate_on(sample), self.bits, bracket=(guess / 16, guess * 16), tol=0.01)
+        step = bisect_step(estimate_on(flat), self.bits, bracket=(rough / 1.04, rough * 1.04))
         return meet_target(encode_at, step, self.bits)[1]
 
     # ------------------------------------------------------------------------------------------ decode

@@ -36,8 +36,8 @@ def tables_for(counts: np.ndarray) -> np.ndarray:
 
 def estimate_bytes(counts: np.ndarray, n_symbols: int, lane_symbols: int) -> tuple[float, np.ndarray]:
     """Bytes the stream will take (ideal code length with the integer tables, plus lane overhead), and the
-    tables."""
-    freqs = tables_for(counts)
+    tables. ``counts`` may be scaled up from a subsample (floats)."""
+    freqs = tables_for(np.rint(counts).astype(np.int64) if counts.dtype.kind == "f" else counts)
     used = counts > 0
     bits = float((counts[used] * (PROB_BITS - np.log2(freqs[used].astype(np.float64)))).sum())
     lanes = rans.n_lanes(n_symbols, lane_symbols)

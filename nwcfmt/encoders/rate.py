@@ -10,21 +10,36 @@ from nwcfmt.errors import EncodeError
 STEP_MIN, STEP_MAX = 2.0**-14, 2.0**6
 
 
-def bisect_step(bits_at: Callable[[float], float], target: float, iters: int = 32) -> float:
-    """The smallest step (to ~0.1% in log scale) with ``bits_at(step) <= target``; ``bits_at`` must fall as the
-    step grows. Raises :class:`EncodeError` when even the coarsest step needs more than ``target``."""
-    lo, hi = math.log2(STEP_MIN), math.log2(STEP_MAX)
+def gaussian_step(bits: float) -> float:
+    """The step at which a unit Gaussian's uniform quantizer has entropy ``bits`` (high-rate approximation):
+    a starting bracket for rate control."""
+    return 2.0 ** (2.047 - bits)
+
+
+def bisect_step(
+    bits_at: Callable[[float], float],
+    target: float,
+    iters: int = 32,
+    bracket: tuple[float, float] = (STEP_MIN, STEP_MAX),
+    tol: float = 1e-3,
+) -> float:
+    """The smallest step (to ``tol`` in log2 scale) with ``bits_at(step) <= target`` within ``bracket``; ``bits_at``
+    must fall as the step grows. Raises :class:`EncodeError` when even the coarsest step of the full range needs
+    more than ``target``."""
+    lo, hi = math.log2(bracket[0]), math.log2(bracket[1])
     if bits_at(2.0**hi) > target:
+        if bracket[1] < STEP_MAX:
+            return bisect_step(bits_at, target, iters, (bracket[1], STEP_MAX), tol)
         raise EncodeError(f"cannot reach {target} bits per weight: the side information alone costs more")
     if bits_at(2.0**lo) <= target:
-        return 2.0**lo
+        return 2.0**lo if bracket[0] <= STEP_MIN else bisect_step(bits_at, target, iters, (STEP_MIN, bracket[0]), tol)
     for _ in range(iters):
         mid = (lo + hi) / 2
         if bits_at(2.0**mid) <= target:
             hi = mid
         else:
             lo = mid
-        if hi - lo < 1e-3:
+        if hi - lo < tol:
             break
     return 2.0**hi
 

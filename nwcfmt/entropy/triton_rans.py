@@ -157,14 +157,15 @@ def _rans_decode_kernel(
     slot_mask = (zero + 0x7FFF).to(tl.uint32)
     low = (zero + 65536).to(tl.uint32)
 
-    # steps every live lane takes (all but the stream's last lane are full), then the last lane's end
+    # steps every live lane takes, then those of the longer lanes (all lanes but the stream's last are full)
     full = tl.min(tl.where(live, length, lane_symbols)).to(tl.int32)
+    longest = tl.max(tl.where(live, length, 0)).to(tl.int32)
     for j in range(0, full):
         x, pos, chan, in_run, run = _decode_step(
             x, pos, chan, in_run, run, live, out + j, table_ptr, levels_ptr, words, limit, channels, level_run,
             n_levels, zero, one, slot_mask, low, HAS_LEVELS, False,
         )  # fmt: skip
-    for j in range(full, lane_symbols):
+    for j in range(full, longest):
         x, pos, chan, in_run, run = _decode_step(
             x, pos, chan, in_run, run, j < length, out + j, table_ptr, levels_ptr, words, limit, channels,
             level_run, n_levels, zero, one, slot_mask, low, HAS_LEVELS, True,
