@@ -1,0 +1,264 @@
+"""``neural``: NWC's learned transform (architecture ``nwc-mlp-1``) in the entropy-coded latent layout.
+
+Each row is divided by its RMS; the normalised weights are cut into chunks of 16 consecutive rows of one
+column (rows padded with zeros to a multiple of 16); the shipped encoder network maps each chunk to 16 integer
+latents at the tensor's latent step, and the decoder network, stored once per file as shared segments and
+referenced by its hash, rebuilds the chunk (:mod:`nwcfmt.neural.arch`). Latent ``i`` is element ``i mod 16``
+of chunk ``i div 16``, chunks ordered row block by row block, column by column; tables are per latent channel
+(16) or one for all, whichever is smaller. The step is found by bisection so that the record's bytes, with a
+``1 / net_share`` share of the decoder network, meet ``bits`` per weight; the row scales are then refit by
+least squares against the decoded chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from nwcfmt.codecs.base import PRIMARY_SEGMENT, EncodeContext, EncodedTensor
+from nwcfmt.codecs.ecsq import SAMPLE_SYMBOLS, check_rate_config
+from nwcfmt.codecs.latent import (
+    LANES_SEGMENT,
+    LEVELS_SEGMENT,
+    SCALE_DTYPES,
+    SCALE_SEGMENT,
+    TABLES_SEGMENT,
+    LatentCodec,
+    LatentLayout,
+    expect,
+    int_param,
+    matrix_shape,
+    out_dtype,
+)
+from nwcfmt.codecs.registry import register_codec
+from nwcfmt.container.manifest import TensorRecord
+from nwcfmt.container.safetensors_io import TensorInfo
+from nwcfmt.encoders import ecsq, latents
+from nwcfmt.encoders.rate import bisect_step, gaussian_step, meet_target
+from nwcfmt.entropy import rans
+from nwcfmt.entropy.rans import Context
+from nwcfmt.errors import EncodeError, FormatError
+from nwcfmt.neural import arch
+
+NET_PREFIX = "net."
+CHANNEL_CHOICES = ("auto", 1, arch.CHUNK)
+DEFAULT_NET_SHARE = 64  # tensors assumed to share one file's decoder network when budgeting its bytes
+
+
+def net_bytes() -> int:
+    return 4 * sum(math.prod(shape) for shape in arch.DECODER_TENSORS.values())
+
+
+def chunk_view(matrix: torch.Tensor) -> torch.Tensor:
+    """``[rows, cols]`` -> ``[n_blocks * cols, 16]`` chunks (rows zero-padded to a multiple of 16)."""
+    rows, cols = matrix.shape
+    blocks = math.ceil(rows / arch.CHUNK)
+    padded = torch.zeros(blocks * arch.CHUNK, cols, dtype=matrix.dtype, device=matrix.device)
+    padded[:rows] = matrix
+    return padded.view(blocks, arch.CHUNK, cols).permute(0, 2, 1).reshape(-1, arch.CHUNK)
+
+
+def unchunk(chunks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`chunk_view`: ``[n_blocks * cols, 16]`` -> ``[rows, cols]``."""
+    blocks = chunks.shape[0] // cols
+    return chunks.view(blocks, cols, arch.CHUNK).permute(0, 2, 1).reshape(blocks * arch.CHUNK, cols)[:rows]
+
+
+@register_codec
+class NeuralCodec(LatentCodec):
+    """Config: ``bits`` (target bits per weight, a real number; default 4) or ``step`` (the latent step,
+    skipping rate control), ``channels`` ("auto", 1 or 16 tables), ``net_share`` (tensors assumed to share
+    the file's decoder network when budgeting its bytes), ``lane_symbols``, ``scale_dtype``."""
+
+    codec_id = "neural"
+    chunk = arch.CHUNK
+
+    def __init__(
+        self,
+        bits: float | None = 4.0,
+        step: float | None = None,
+        channels: str | int = "auto",
+        net_share: int = DEFAULT_NET_SHARE,
+        lane_symbols: int = rans.DEFAULT_LANE_SYMBOLS,
+        scale_dtype: str = "float16",
+    ) -> None:
+        check_rate_config(bits, step, lane_symbols, scale_dtype)
+        if channels not in CHANNEL_CHOICES:
+            raise EncodeError("channels must be 'auto', 1 or 16")
+        if lane_symbols % arch.CHUNK:
+            raise EncodeError(f"lane_symbols must be a multiple of {arch.CHUNK}")
+        if not isinstance(net_share, int) or isinstance(net_share, bool) or net_share < 1:
+            raise EncodeError("net_share must be a positive integer")
+        self.bits, self.step, self.channels, self.net_share = bits, step, channels, net_share
+        self.lane_symbols, self.scale_dtype = lane_symbols, scale_dtype
+
+    def get_config(self) -> dict[str, Any]:
+        rate = {"step": self.step} if self.step is not None else {"bits": self.bits}
+        return {
+            **rate,
+            "channels": self.channels,
+            "net_share": self.net_share,
+            "lane_symbols": self.lane_symbols,
+            "scale_dtype": self.scale_dtype,
+        }
+
+    # ------------------------------------------------------------------------------------------ encode
+    def encode(self, tensor: torch.Tensor, ctx: EncodeContext | None = None) -> EncodedTensor:
+        from nwcfmt.neural.weights import load_codec
+
+        self.check_input(tensor)
+        net = load_codec()
+        rows, cols = matrix_shape(tuple(tensor.shape))
+        weight = tensor.detach().to(torch.float32).reshape(rows, cols)
+        scale0 = ecsq.row_rms(weight, self.scale_dtype)
+        chunks = chunk_view(weight / scale0[:, None])
+        levels = torch.zeros(chunks.shape[0], dtype=torch.int64)
+        n = rows * cols  # weights; the latents also cover the padding rows
+        n_latents = chunks.numel()
+        side = rows * SCALE_DTYPES[self.scale_dtype].itemsize + net_bytes() / self.net_share
+        channel_options = (1, arch.CHUNK) if self.channels == "auto" else (self.channels,)
+
+        def latents_at(values: torch.Tensor, step: float) -> torch.Tensor:
+            return arch.encode_chunks(values, levels[: values.shape[0]], step, net.encoder)
+
+        def stream_estimate(q: torch.Tensor, scale_up: float) -> tuple[float, int]:
+            """(estimated stream bytes, channels) of latents ``q`` ``[m, 16]``, the best channel choice."""
+            q_min = int(q.min())
+            alphabet = int(q.max()) - q_min + 1
+            if alphabet > rans.MAX_ALPHABET:
+                return float("inf"), 1
+            sym = (q - q_min).numpy()
+            best = (float("inf"), 1)
+            for c in channel_options:
+                counts = np.stack([np.bincount(sym[:, k], minlength=alphabet) for k in range(arch.CHUNK)])
+                counts = counts.sum(0, keepdims=True) if c == 1 else counts
+                nbytes, _ = latents.estimate_bytes(counts * scale_up, n_latents, self.lane_symbols)
+                best = min(best, (nbytes, c))
+            return best
+
+        def estimate_on(values: torch.Tensor) -> Callable[[float], float]:
+            scale_up = chunks.shape[0] / values.shape[0]
+
+            def bits_at(step: float) -> float:
+                nbytes, _ = stream_estimate(latents_at(values, step), scale_up)
+                return 8 * (nbytes + side) / n
+
+            return bits_at
+
+        def encode_at(step: float) -> tuple[float, EncodedTensor]:
+            q = latents_at(chunks, step)
+            _, channels = stream_estimate(q, 1.0)
+            q_min = int(q.min())
+            alphabet = int(q.max()) - q_min + 1
+            latents.check_alphabet(alphabet, self.codec_id)
+            symbols = (q - q_min).reshape(-1).numpy()
+            context = Context(channels=channels)
+            freqs = latents.tables_for(latents.table_counts(symbols, alphabet, context))
+            stream = latents.encode_stream(symbols, freqs, context, self.lane_symbols)
+            decoded = unchunk(arch.decode_chunks(q, levels, step, net.decoder), rows, cols)
+            vv = (decoded * decoded).sum(dim=1)
+            refit = torch.where(vv > 0, (weight * decoded).sum(dim=1) / vv.clamp(min=1e-30), torch.ones_like(vv))
+            segments = {
+                PRIMARY_SEGMENT: torch.from_numpy(stream.words),
+                LANES_SEGMENT: torch.from_numpy(stream.lanes),
+                TABLES_SEGMENT: torch.from_numpy(freqs),
+                SCALE_SEGMENT: ecsq.stored(refit, self.scale_dtype).to(SCALE_DTYPES[self.scale_dtype]),
+            }
+            own = sum(s.numel() * s.element_size() for s in segments.values())
+            params: dict[str, Any] = {
+                "levels": 1,
+                "lane_symbols": self.lane_symbols,
+                "scale_dtype": self.scale_dtype,
+                "step": step,
+                "latent_min": q_min,
+                "channels": channels,
+                "arch": arch.ARCH_ID,
+                "decoder_sha256": net.decoder_hash,
+            }
+            if self.step is None:
+                params["bits_target"] = self.bits
+            shared = {}
+            for name, value in net.decoder.items():
+                segments[NET_PREFIX + name] = value
+                shared[NET_PREFIX + name] = f"{arch.ARCH_ID}.{net.decoder_hash[:16]}.{name}"
+            return 8 * (own + side) / n, EncodedTensor(segments, params, shared)
+
+        if self.step is not None:
+            return encode_at(float(np.float32(self.step)))[1]
+        stride = max(1, chunks.shape[0] * arch.CHUNK // SAMPLE_SYMBOLS)
+        guess = gaussian_step(self.bits)
+        rough = bisect_step(estimate_on(chunks[::stride]), self.bits, bracket=(guess / 16, guess * 16), tol=0.01)
+        step = bisect_step(estimate_on(chunks), self.bits, bracket=(rough / 1.04, rough * 1.04))
+        return meet_target(lambda s: encode_at(float(np.float32(s))), step, self.bits)[1]
+
+    # ------------------------------------------------------------------------------------------ layout
+    @classmethod
+    def n_symbols(cls, rows: int, cols: int) -> int:
+        return math.ceil(rows / arch.CHUNK) * arch.CHUNK * cols
+
+    @classmethod
+    def channels_of(cls, record: TensorRecord) -> int:
+        channels = record.params.get("channels")
+        if channels not in (1, arch.CHUNK) or isinstance(channels, bool):
+            raise FormatError(f"tensor {record.name!r}: param 'channels' must be 1 or {arch.CHUNK}")
+        return channels
+
+    @classmethod
+    def net_params(cls, record: TensorRecord) -> tuple[float, int]:
+        """The validated latent step and latent offset."""
+        if record.params.get("arch") != arch.ARCH_ID:
+            raise FormatError(f"tensor {record.name!r}: unknown decoder architecture {record.params.get('arch')!r}")
+        digest = record.params.get("decoder_sha256")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise FormatError(f"tensor {record.name!r}: param 'decoder_sha256' must be 64 hex digits")
+        step = record.params.get("step")
+        if not isinstance(step, (int, float)) or isinstance(step, bool) or not 0 < step < float("inf"):
+            raise FormatError(f"tensor {record.name!r}: param 'step' must be a positive finite number")
+        if float(np.float32(step)) != float(step):
+            raise FormatError(f"tensor {record.name!r}: param 'step' must be a float32 value")
+        latent_min = int_param(record, "latent_min", -(1 << 30), 1 << 30)
+        return float(step), latent_min
+
+    @classmethod
+    def expected_segments(cls, record: TensorRecord, layout: LatentLayout) -> set[str]:
+        return {*super().expected_segments(record, layout), *(NET_PREFIX + k for k in arch.DECODER_TENSORS)}
+
+    @classmethod
+    def validate(cls, record: TensorRecord, segments: Mapping[str, TensorInfo]) -> None:
+        super().validate(record, segments)
+        cls.net_params(record)
+        for name, shape in arch.DECODER_TENSORS.items():
+            expect(record, segments[NET_PREFIX + name], "F32", shape, NET_PREFIX + name)
+
+    @classmethod
+    def decoder_weights(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weights = {name: segments[NET_PREFIX + name] for name in arch.DECODER_TENSORS}
+        arch.validate_decoder(weights)
+        if arch.decoder_hash(weights) != record.params["decoder_sha256"]:
+            raise FormatError(f"tensor {record.name!r}: the decoder weights do not match their hash")
+        return weights
+
+    @classmethod
+    def check(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor]) -> None:
+        super().check(record, segments)
+        cls.decoder_weights(record, segments)
+
+    @classmethod
+    def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        layout = cls.layout(record)
+        step, latent_min = cls.net_params(record)
+        super().check(record, segments)
+        weights = {k: v.to(device) for k, v in cls.decoder_weights(record, segments).items()}
+        q = (cls.decode_symbols(record, segments) + latent_min).to(device).view(-1, arch.CHUNK)
+        if layout.n_levels > 1:
+            col_levels = segments[LEVELS_SEGMENT].to(device=device, dtype=torch.int64)
+            levels = col_levels.repeat(q.shape[0] // layout.cols)
+        else:
+            levels = torch.zeros(q.shape[0], dtype=torch.int64, device=device)
+        values = unchunk(arch.decode_chunks(q, levels, step, weights), layout.rows, layout.cols)
+        scale = segments[SCALE_SEGMENT].to(device=device, dtype=torch.float32)
+        return (values * scale[:, None]).to(out_dtype(record)).reshape(record.shape)
