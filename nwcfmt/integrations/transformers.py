@@ -26,7 +26,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from nwcfmt.codecs.base import PRIMARY_SEGMENT
 from nwcfmt.codecs.registry import get_codec
-from nwcfmt.constants import FORMAT_VERSION, RESERVED_PREFIX, SEGMENT_SEPARATOR
+from nwcfmt.constants import FORMAT_VERSION, RESERVED_PREFIX, SEGMENT_SEPARATOR, SHARED_PREFIX
 from nwcfmt.container.reader import NwcReader
 from nwcfmt.errors import FormatError, InputError, UnsupportedError, UnsupportedVersionError
 
@@ -76,6 +76,11 @@ class NwcConfig(QuantizationConfigMixin):
                 f"this checkpoint is NWC format {self.format_version}; this nwcfmt reads {FORMAT_VERSION[0]}.x "
                 "(upgrade nwcfmt)"
             )
+
+
+def _own_segments(record) -> set[str]:
+    """A record's segments stored under its own name (not the shared ones of format-v1 6.2)."""
+    return {seg for seg, ref in record.segments.items() if not ref.tensor.startswith(SHARED_PREFIX)}
 
 
 def _segment_of(pattern: str) -> str:
@@ -161,7 +166,7 @@ class NwcHfQuantizer(HfQuantizer):
             param = name.rpartition(".")[2]
             if not _SIMPLE_NAME.match(param):
                 raise UnsupportedError(f"tensor {name!r}: its name cannot be matched by transformers' loader")
-            out.setdefault(param, set()).update(reader.record(name).segments)
+            out.setdefault(param, set()).update(_own_segments(reader.record(name)))
         return out
 
     def get_weight_conversions(self) -> list:
@@ -207,8 +212,12 @@ class NwcHfQuantizer(HfQuantizer):
         if reader is None:
             raise FormatError(f"{target}: {name!r} is in no NWC manifest of this checkpoint")
         record = reader.record(name)
-        if set(loaded) != set(record.segments):
-            raise FormatError(f"{reader.path}: {name!r} loaded segments {sorted(loaded)}, expected {record.segments}")
+        own = _own_segments(record)
+        if set(loaded) != own:
+            raise FormatError(f"{reader.path}: {name!r} loaded segments {sorted(loaded)}, expected {sorted(own)}")
+        if own != set(record.segments):  # shared segments (a decoder network) come from the file, CRC-checked
+            shared = reader.segments(name, verify=self.quantization_config.verify)
+            loaded = {**{k: v for k, v in shared.items() if k not in own}, **loaded}
         device = loaded[PRIMARY_SEGMENT].device
         if device.type == "cpu":  # transformers' copies of the stored bytes: check and decode those
             on_cpu = loaded
