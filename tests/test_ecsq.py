@@ -172,7 +172,6 @@ def test_bad_records_raise_nwc_errors(tmp_path, case):
     path = encode_one(tmp_path, w, bits=3, lane_symbols=1024)
     edit_manifest, edit_segment = BAD[case]
     bad = _edit(path, edit_manifest, edit_segment)
-    with pytest.raises(NwcError) as info:
-        with NwcReader(bad) as reader:
-            reader.decode("w")
+    with pytest.raises(NwcError) as info, NwcReader(bad) as reader:
+        reader.decode("w")
     assert isinstance(info.value, FormatError)

@@ -163,8 +163,9 @@ def _edits():
     def missing_lane(s):
         return RansStream(s.words, s.lanes[:-1])
 
-    return {f.__name__: f for f in (flip_word, drop_word, extra_word, low_state, other_state, too_many_words,
-                                    missing_lane)}
+    return {
+        f.__name__: f for f in (flip_word, drop_word, extra_word, low_state, other_state, too_many_words, missing_lane)
+    }
 
 
 @pytest.mark.parametrize("edit", list(_edits()))

@@ -152,10 +152,9 @@ def test_bad_records_raise(tmp_path, edit, match):
     path = write(tmp_path / "n.safetensors", {"a": torch.randn(32, 64, generator=g), "b": torch.randn(16, 80,
                  generator=g)}, bits=3, lane_symbols=1024)  # fmt: skip
     bad = _rewrite(path, tmp_path / "bad.safetensors", edit)
-    with pytest.raises(NwcError, match=match) as info:
-        with NwcReader(bad) as reader:
-            for name in reader.names:
-                reader.decode(name)
+    with pytest.raises(NwcError, match=match) as info, NwcReader(bad) as reader:
+        for name in reader.names:
+            reader.decode(name)
     assert isinstance(info.value, FormatError)
 
 

@@ -13,8 +13,9 @@ from conftest import run_nwc
 
 @pytest.mark.parametrize("codec", ["ecsq", "neural"])
 def test_encode_info_verify_load(tmp_path, tiny_llama_dir, codec):
-    import nwcfmt  # noqa: F401  (registers the transformers quantizer)
     from transformers import AutoModelForCausalLM
+
+    import nwcfmt  # noqa: F401  (registers the transformers quantizer)
 
     out = tmp_path / codec
     bits = 3.5

@@ -146,7 +146,10 @@ def hub_options(fn: Callable) -> Callable:
 @click.argument("src")
 @click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Output folder or file.")
 @click.option(
-    "--codec", type=CodecChoice(), default=None, help="Default codec [lossless]; ecsq and neural entropy-code latents at --bits; gptq, flexround, lrq calibrate."
+    "--codec",
+    type=CodecChoice(),
+    default=None,
+    help="Default codec [lossless]; neural and ecsq entropy-code latents at --bits; gptq, flexround, lrq calibrate.",
 )
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Store tensors matching GLOB raw (repeatable).")
 @click.option("--policy", "policy_file", type=click.Path(path_type=Path), help="JSON policy file (see docs).")

@@ -188,7 +188,9 @@ class LatentCodec(Codec):
     # ------------------------------------------------------------------------------------------ encode helpers
     def check_input(self, tensor: torch.Tensor) -> None:
         if tensor.dtype not in LATENT_DTYPES or tensor.dim() < 1 or tensor.numel() == 0:
-            raise EncodeError(f"{self.codec_id} encodes non-empty float tensors, not {tensor.dtype}{list(tensor.shape)}")
+            raise EncodeError(
+                f"{self.codec_id} encodes non-empty float tensors, not {tensor.dtype}{list(tensor.shape)}"
+            )
         if not bool(torch.isfinite(tensor).all()):
             raise EncodeError(f"{self.codec_id} cannot encode a tensor holding inf or NaN")
 
