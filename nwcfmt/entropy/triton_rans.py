@@ -15,9 +15,14 @@ Validity is decided per lane, as the CPU decoders do: a lane fails when its star
 when it needs a word it does not have (or that lies past the end of ``words``), when it does not consume
 exactly its words, or when it does not end in state ``2**16``; the last lane also fails when the lanes do not
 declare exactly ``words.numel()`` words. :func:`decode_lanes` returns the flags without synchronising;
-:func:`check_lanes` turns them into a :class:`~nwcfmt.errors.FormatError` worded as :mod:`rans` words it. Reads
-are masked to the tensors given, so a corrupt stream cannot read out of bounds or loop longer than
-``lane_symbols`` steps.
+:func:`check_lanes` turns them into a :class:`~nwcfmt.errors.FormatError` worded as :mod:`rans` words it. A
+corrupt stream cannot make the kernel read out of bounds (word reads are masked to the lane's words and to the
+stream; slot table reads are in range by construction) or loop longer than ``lane_symbols`` steps.
+
+Per step, the lane's next word is read ahead, masked only by the lane's word count: it does not wait for the
+slot table read, so the state's dependency chain holds one gather per symbol. A program first takes the steps
+every one of its live lanes takes (no masks but the stores'), then the rest of its longer lanes (only the
+program holding the stream's short last lane has any).
 
 The kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors; :func:`compile_for` compiles
 it for an NVIDIA architecture without a GPU (register and spill counts from ptxas).
