@@ -824,9 +824,9 @@ def test_rtn_worked_example():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("unit", ["quant_layout", "rtn", "rtn_zstd_chunks"])
+@pytest.mark.parametrize("unit", ["quant_layout", "rtn", "rtn_zstd_chunks", "latent"])
 def test_nwcfmt_decodes_quant_golden_on_cuda(unit):
-    """quant.md 5.1: the same bits on the GPU as on the CPU."""
+    """quant.md 5.1 and latent.md 4 (the Triton rANS decoder, then the fp32 product): the same bits on the GPU."""
     decoded = {}
     for rel in UNITS[unit][0]:
         with nwcfmt.open(GOLDEN / rel) as reader:

@@ -156,8 +156,9 @@ class EcsqCodec(LatentCodec):
     @classmethod
     def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         layout = cls.layout(record)
-        cls.check(record, segments)
-        symbols = cls.decode_symbols(record, segments).to(device)
+        if cls.on_cpu(segments):
+            cls.check(record, segments)
+        symbols = cls.decode_symbols(record, segments, device)
         recon = segments[RECON_SEGMENT].to(device)
         alphabet = recon.shape[1]
         if layout.n_levels > 1:

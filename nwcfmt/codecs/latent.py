@@ -159,19 +159,37 @@ class LatentCodec(Codec):
         return RansStream(segments[PRIMARY_SEGMENT].numpy(), segments[LANES_SEGMENT].numpy())
 
     @classmethod
-    def decode_symbols(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The latents as alphabet indices (int64, CPU), decoded exactly from the stored stream and tables."""
+    def on_cpu(cls, segments: Mapping[str, torch.Tensor]) -> bool:
+        """CPU segments are checked by :meth:`decode`; device copies were checked on the CPU by the loader."""
+        return segments[PRIMARY_SEGMENT].device.type == "cpu"
+
+    @classmethod
+    def decode_symbols(
+        cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device | None = None
+    ) -> torch.Tensor:
+        """The latents as alphabet indices (int64), decoded exactly from the stored stream and tables, on
+        ``device`` (default: the segments'). On a CUDA device only the stream's bytes cross PCIe and the Triton
+        decoder runs there (:mod:`nwcfmt.entropy.gpu`); the small tables come back to the host."""
+        from nwcfmt.entropy.gpu import decode_on_device
+
         layout = cls.layout(record)
-        levels = segments[LEVELS_SEGMENT].numpy() if layout.n_levels > 1 else None
-        symbols = rans.decode(
-            cls.stream(segments),
-            segments[TABLES_SEGMENT].numpy(),
+        levels = segments[LEVELS_SEGMENT].cpu().numpy() if layout.n_levels > 1 else None
+        device = segments[PRIMARY_SEGMENT].device if device is None else device
+        symbols = decode_on_device(
+            segments[PRIMARY_SEGMENT],
+            segments[LANES_SEGMENT],
+            segments[TABLES_SEGMENT].cpu().numpy(),
             layout.context(levels),
             layout.n_symbols,
             layout.lane_symbols,
+            device,
             f"tensor {record.name!r}",
         )
-        return torch.from_numpy(symbols.astype(np.int64))
+        return symbols.to(torch.int64)
+
+    @classmethod
+    def decodes_on_device(cls, record: TensorRecord) -> bool:
+        return True  # the stream decodes on CUDA (Triton); the rest is torch arithmetic on the device
 
     @classmethod
     def describe(cls, record: TensorRecord, segments: Mapping[str, TensorInfo]) -> dict[str, Any]:

@@ -251,9 +251,10 @@ class NeuralCodec(LatentCodec):
     def decode(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         layout = cls.layout(record)
         step, latent_min = cls.net_params(record)
-        super().check(record, segments)
-        weights = {k: v.to(device) for k, v in cls.decoder_weights(record, segments).items()}
-        q = (cls.decode_symbols(record, segments) + latent_min).to(device).view(-1, arch.CHUNK)
+        if cls.on_cpu(segments):
+            cls.check(record, segments)  # tables, scales, levels, and the decoder weights against their hash
+        weights = {name: segments[NET_PREFIX + name].to(device) for name in arch.DECODER_TENSORS}
+        q = (cls.decode_symbols(record, segments, device) + latent_min).view(-1, arch.CHUNK)
         if layout.n_levels > 1:
             col_levels = segments[LEVELS_SEGMENT].to(device=device, dtype=torch.int64)
             levels = col_levels.repeat(q.shape[0] // layout.cols)
