@@ -97,6 +97,13 @@ def summarize(path: str | os.PathLike) -> Summary:
             file_bytes += reader.header.file_size
             for name in reader.names:
                 record = reader.record(name)
+                details = get_codec(record.codec).describe(record, reader.segment_infos(name))
+                if "bytes" in details:  # where the bytes go, shared segments by their share
+                    shares: dict[str, float] = {}
+                    for seg, n in reader.segment_bytes(name).items():
+                        key = "net" if seg.startswith("net.") else seg
+                        shares[key] = shares.get(key, 0.0) + n
+                    details["bytes"] = {k: round(v) for k, v in shares.items()}
                 stats.append(
                     TensorStat(
                         name,
@@ -107,7 +114,7 @@ def summarize(path: str | os.PathLike) -> Summary:
                         record.numel,
                         record.nbytes,
                         reader.stored_bytes(name),
-                        get_codec(record.codec).describe(record, reader.segment_infos(name)),
+                        details,
                     )
                 )
     return Summary(stats, file_bytes)

@@ -194,7 +194,10 @@ class LatentCodec(Codec):
     @classmethod
     def describe(cls, record: TensorRecord, segments: Mapping[str, TensorInfo]) -> dict[str, Any]:
         layout = cls.layout(record)
-        parts = {name: info.nbytes for name, info in segments.items()}
+        parts: dict[str, int] = {}
+        for name, info in segments.items():  # a network's tensors count as one part (summaries amortise it)
+            key = "net" if name.startswith("net.") else name
+            parts[key] = parts.get(key, 0) + info.nbytes
         return {
             "latents": layout.n_symbols,
             "alphabet": segments[TABLES_SEGMENT].shape[1],

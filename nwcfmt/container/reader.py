@@ -161,10 +161,15 @@ class NwcReader:
         """The safetensors header entries of a tensor's segments, by segment name."""
         return self._segment_infos(self.record(name))
 
+    def segment_bytes(self, name: str) -> dict[str, float]:
+        """Bytes of each of a tensor's segments; a shared segment counts its share (its bytes over the records
+        that use it, format-v1.md 6.2)."""
+        infos = self._segment_infos(self.record(name))
+        return {seg: info.nbytes / self._claims.get(info.name, 1) for seg, info in infos.items()}
+
     def stored_bytes(self, name: str) -> int:
-        """Bytes of a tensor's segments; a shared segment counts its share (its bytes over the records using it)."""
-        infos = self._segment_infos(self.record(name)).values()
-        return round(sum(info.nbytes / self._claims.get(info.name, 1) for info in infos))
+        """Bytes of a tensor's segments, shared segments by their share (:meth:`segment_bytes`)."""
+        return round(sum(self.segment_bytes(name).values()))
 
     def _buffer(self) -> mmap.mmap:
         with self._map_lock:  # decode() may run in several threads
