@@ -55,6 +55,7 @@ def check_rate_config(bits: float | None, step: float | None, lane_symbols: int,
 class EcsqCodec(LatentCodec):
     """Config: ``bits`` (target bits per weight, a real number; default 4), or ``step`` (the normalised
     quantizer step, skipping rate control), ``centroids`` (reconstruct at cell centroids; else midpoints),
+    ``refit`` (least-squares row scales against the reconstruction; else the rows' RMS),
     ``lane_symbols``, ``scale_dtype``."""
 
     codec_id = "ecsq"
@@ -64,16 +65,23 @@ class EcsqCodec(LatentCodec):
         bits: float | None = 4.0,
         step: float | None = None,
         centroids: bool = True,
+        refit: bool = True,
         lane_symbols: int = rans.DEFAULT_LANE_SYMBOLS,
         scale_dtype: str = "float16",
     ) -> None:
         check_rate_config(bits, step, lane_symbols, scale_dtype)
-        self.bits, self.step, self.centroids = bits, step, bool(centroids)
+        self.bits, self.step, self.centroids, self.refit = bits, step, bool(centroids), bool(refit)
         self.lane_symbols, self.scale_dtype = lane_symbols, scale_dtype
 
     def get_config(self) -> dict[str, Any]:
         rate = {"step": self.step} if self.step is not None else {"bits": self.bits}
-        return {**rate, "centroids": self.centroids, "lane_symbols": self.lane_symbols, "scale_dtype": self.scale_dtype}
+        return {
+            **rate,
+            "centroids": self.centroids,
+            "refit": self.refit,
+            "lane_symbols": self.lane_symbols,
+            "scale_dtype": self.scale_dtype,
+        }
 
     # ------------------------------------------------------------------------------------------ encode
     def encode(self, tensor: torch.Tensor, ctx: EncodeContext | None = None) -> EncodedTensor:
@@ -104,7 +112,7 @@ class EcsqCodec(LatentCodec):
             return bits_at
 
         def encode_at(step: float) -> tuple[float, EncodedTensor]:
-            result = ecsq.quantize(weight, normalised, step, self.scale_dtype, self.centroids)
+            result = ecsq.quantize(weight, normalised, step, self.scale_dtype, self.centroids, scale0, self.refit)
             alphabet = result.recon.numel()
             latents.check_alphabet(alphabet, self.codec_id)
             freqs = latents.tables_for(latents.table_counts(result.symbols, alphabet, context))
@@ -123,6 +131,7 @@ class EcsqCodec(LatentCodec):
                 "scale_dtype": self.scale_dtype,
                 "step": float(np.float32(step)),
                 "centroids": self.centroids,
+                "refit": self.refit,
             }
             if self.step is None:
                 params["bits_target"] = self.bits

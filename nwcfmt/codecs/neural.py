@@ -72,7 +72,8 @@ def unchunk(chunks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 class NeuralCodec(LatentCodec):
     """Config: ``bits`` (target bits per weight, a real number; default 4) or ``step`` (the latent step,
     skipping rate control), ``channels`` ("auto", 1 or 16 tables), ``net_share`` (tensors assumed to share
-    the file's decoder network when budgeting its bytes), ``lane_symbols``, ``scale_dtype``."""
+    the file's decoder network when budgeting its bytes), ``refit`` (least-squares row scales),
+    ``lane_symbols``, ``scale_dtype``."""
 
     codec_id = "neural"
     chunk = arch.CHUNK
@@ -83,6 +84,7 @@ class NeuralCodec(LatentCodec):
         step: float | None = None,
         channels: str | int = "auto",
         net_share: int = DEFAULT_NET_SHARE,
+        refit: bool = True,
         lane_symbols: int = rans.DEFAULT_LANE_SYMBOLS,
         scale_dtype: str = "float16",
     ) -> None:
@@ -94,6 +96,7 @@ class NeuralCodec(LatentCodec):
         if not isinstance(net_share, int) or isinstance(net_share, bool) or net_share < 1:
             raise EncodeError("net_share must be a positive integer")
         self.bits, self.step, self.channels, self.net_share = bits, step, channels, net_share
+        self.refit = bool(refit)
         self.lane_symbols, self.scale_dtype = lane_symbols, scale_dtype
 
     def get_config(self) -> dict[str, Any]:
@@ -102,6 +105,7 @@ class NeuralCodec(LatentCodec):
             **rate,
             "channels": self.channels,
             "net_share": self.net_share,
+            "refit": self.refit,
             "lane_symbols": self.lane_symbols,
             "scale_dtype": self.scale_dtype,
         }
@@ -160,13 +164,12 @@ class NeuralCodec(LatentCodec):
             freqs = latents.tables_for(latents.table_counts(symbols, alphabet, context))
             stream = latents.encode_stream(symbols, freqs, context, self.lane_symbols)
             decoded = unchunk(arch.decode_chunks(q, levels, step, net.decoder), rows, cols)
-            vv = (decoded * decoded).sum(dim=1)
-            refit = torch.where(vv > 0, (weight * decoded).sum(dim=1) / vv.clamp(min=1e-30), torch.ones_like(vv))
+            scale = ecsq.refit_scales(weight, decoded, scale0) if self.refit else scale0
             segments = {
                 PRIMARY_SEGMENT: torch.from_numpy(stream.words),
                 LANES_SEGMENT: torch.from_numpy(stream.lanes),
                 TABLES_SEGMENT: torch.from_numpy(freqs),
-                SCALE_SEGMENT: ecsq.stored(refit, self.scale_dtype).to(SCALE_DTYPES[self.scale_dtype]),
+                SCALE_SEGMENT: ecsq.stored(scale, self.scale_dtype).to(SCALE_DTYPES[self.scale_dtype]),
             }
             own = sum(s.numel() * s.element_size() for s in segments.values())
             params: dict[str, Any] = {
@@ -178,6 +181,7 @@ class NeuralCodec(LatentCodec):
                 "channels": channels,
                 "arch": arch.ARCH_ID,
                 "decoder_sha256": net.decoder_hash,
+                "refit": self.refit,
             }
             if self.step is None:
                 params["bits_target"] = self.bits

@@ -4,7 +4,7 @@ Each row is divided by its RMS (stored as the row scale), one uniform step quant
 (``q = round(y / step)``), and every symbol reconstructs at the centroid of its cell (the mean of the
 normalised weights that fell in it), which is what makes ECSQ 0.25 bit from the Shannon bound on Gaussian
 sources at >= 2 bits instead of losing ~0.4 dB at midpoints. Finally each row scale is refit by least squares
-against the reconstruction. The step is the rate knob.
+against the reconstruction (``refit``). The step is the rate knob.
 """
 
 from __future__ import annotations
@@ -42,8 +42,24 @@ def latents(normalised: torch.Tensor, step: float) -> tuple[torch.Tensor, int, i
     return q, q_min, q_max - q_min + 1
 
 
-def quantize(weight: torch.Tensor, normalised: torch.Tensor, step: float, scale_dtype: str, centroids: bool):
-    """ECSQ of ``weight`` ``[rows, cols]`` (``normalised`` = weight / its row scales) at ``step``."""
+def refit_scales(weight: torch.Tensor, decoded: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-row least-squares scales of ``decoded`` (in row-scale units) against ``weight``; rows whose
+    reconstruction is all zero keep ``scale``."""
+    vv = (decoded * decoded).sum(dim=1)
+    return torch.where(vv > 0, (weight * decoded).sum(dim=1) / vv.clamp(min=1e-30), scale)
+
+
+def quantize(
+    weight: torch.Tensor,
+    normalised: torch.Tensor,
+    step: float,
+    scale_dtype: str,
+    centroids: bool,
+    scale: torch.Tensor,
+    refit: bool = True,
+):
+    """ECSQ of ``weight`` ``[rows, cols]`` (``normalised`` = weight / ``scale``, the stored row scales) at
+    ``step``; with ``refit`` the row scales are refit by least squares against the reconstruction."""
     q, q_min, alphabet = latents(normalised, step)
     symbols = (q - q_min).reshape(-1)
     midpoints = (torch.arange(alphabet, dtype=torch.float64) + q_min) * step
@@ -54,7 +70,6 @@ def quantize(weight: torch.Tensor, normalised: torch.Tensor, step: float, scale_
     else:
         recon = midpoints
     recon = recon.to(torch.float32)
-    v = recon[symbols].view_as(weight)
-    vv = (v * v).sum(dim=1)
-    refit = torch.where(vv > 0, (weight * v).sum(dim=1) / vv.clamp(min=1e-30), torch.ones_like(vv))
-    return EcsqResult(symbols.numpy(), recon, stored(refit, scale_dtype))
+    if refit:
+        scale = stored(refit_scales(weight, recon[symbols].view_as(weight), scale), scale_dtype)
+    return EcsqResult(symbols.numpy(), recon, scale)

@@ -51,9 +51,12 @@ def synthetic_chunks(kind: str, n_chunks: int, gen: torch.Generator, cols: int =
     return to_chunks(w)[:n_chunks]
 
 
-def minilm_chunks(min_rows: int = 1) -> dict[str, torch.Tensor]:
-    """Every 2-D float weight of all-MiniLM-L6-v2 (a training set: never an evaluation model), row-normalised and
-    chunked; name -> ``[n, 16]``."""
+MINILM_HOLDOUT = ("encoder.layer.5.",)  # evaluation only: training never sees these tensors
+
+
+def minilm_chunks(holdout: bool = False) -> dict[str, torch.Tensor]:
+    """All-MiniLM-L6-v2's 2-D float weights, row-normalised and chunked (name -> ``[n, 16]``): the training
+    tensors, or with ``holdout`` only the held-out ones (:data:`MINILM_HOLDOUT`). Never an evaluation model."""
     from safetensors import safe_open
 
     from nwcfmt.data import minilm_dir
@@ -61,7 +64,9 @@ def minilm_chunks(min_rows: int = 1) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(minilm_dir() / "model.safetensors"), "pt") as f:
         for name in sorted(f.keys()):
+            if name.startswith(MINILM_HOLDOUT) != holdout:
+                continue
             t = f.get_tensor(name)
-            if t.dim() == 2 and t.dtype.is_floating_point and t.shape[0] >= min_rows:
+            if t.dim() == 2 and t.dtype.is_floating_point:
                 out[name] = to_chunks(row_normalize(t)).contiguous()
     return out

@@ -2,12 +2,15 @@
 
     python -m nwcfmt.neural.evaluate [--weights PATH] [--chunks N] [--seed S]
 
-For each source (Gaussian and Laplace rows, row-normalised, drawn with a seed training never uses) and each
-target rate, the step is bisected separately for
+For each source (Gaussian and Laplace rows, row-normalised, drawn with a seed training never uses; ``minilm5``:
+MiniLM's layer 5, which training never sees, its six tensors pooled as one) and each target rate, the step is
+bisected separately for
 
 * ``ecsq``: ``q = round(x / step)``, reconstructed at each cell's centroid (the mean of the values in it: an
   oracle the decoder would have to be sent), and the same ``q`` at the midpoints ``q * step`` (``mid``);
-* ``net``: the network's encoder and decoder at level 0.
+* ``net``: the network's encoder and decoder at level 0;
+* with ``--ablations``: rounding to nearest + the network's decoder (``plain+dec``), and the network's encoder +
+  oracle centroids (``enc+orc``), each as its SNR gain over ``ecsq`` at the target rate.
 
 Rates are empirical entropies of ``q`` in bits per value (pooled over the 16 channels, as one table per level
 codes them; ``ch`` is the mean of the 16 per-channel entropies). SNR is ``10 log10(var(x) / mse)``; at the target
@@ -26,10 +29,10 @@ from pathlib import Path
 import torch
 
 from nwcfmt.neural.arch import decode_chunks, encode_chunks
-from nwcfmt.neural.data import synthetic_chunks
+from nwcfmt.neural.data import minilm_chunks, synthetic_chunks
 
 TARGETS = (2.0, 3.0, 4.0, 5.0, 6.0)
-SOURCES = ("gauss", "laplace")
+SOURCES = ("gauss", "laplace", "minilm5")
 EVAL_SEED = 20250917  # never used by training (training seeds are small integers)
 
 
@@ -76,6 +79,41 @@ def network(x: torch.Tensor, step: float, weights: Mapping[str, torch.Tensor], l
     }
 
 
+def plain_decoder(x: torch.Tensor, step: float, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Rounding to nearest, rebuilt by the network's decoder."""
+    levels = torch.zeros(x.shape[0], dtype=torch.long)
+    q = torch.round(x / torch.tensor(step, dtype=torch.float32)).to(torch.int64)
+    x_hat = decode_chunks(q, levels, step, {k: v for k, v in weights.items() if k.startswith("dec.")})
+    return {"rate": entropy_bits(q), "mse": float((x_hat.to(torch.float64) - x.to(torch.float64)).square().mean())}
+
+
+def encoder_centroids(x: torch.Tensor, step: float, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The network's encoder, rebuilt at each latent value's centroid (an oracle)."""
+    levels = torch.zeros(x.shape[0], dtype=torch.long)
+    q = encode_chunks(x, levels, step, {k: v for k, v in weights.items() if k.startswith("enc.")}).reshape(-1)
+    flat = x.reshape(-1).to(torch.float64)
+    idx = q - q.min()
+    sums = torch.zeros(int(idx.max()) + 1, dtype=torch.float64).index_add_(0, idx, flat)
+    counts = torch.zeros_like(sums).index_add_(0, idx, torch.ones_like(flat))
+    return {"rate": entropy_bits(q), "mse": float(((sums / counts.clamp_min(1))[idx] - flat).square().mean())}
+
+
+def ablations(weights: Mapping[str, torch.Tensor], n_chunks: int = 1 << 16, seed: int = EVAL_SEED) -> str:
+    """SNR gains (dB) over ``ecsq`` at each target rate of ``plain+dec`` and ``enc+orc``, as text."""
+    lines = [f"{'source':8} {'R*':>3} {'plain+dec':>9} {'enc+orc':>8} {'net':>7}"]
+    for k, source in enumerate(SOURCES):
+        x = source_chunks(source, n_chunks, seed + k)
+        var = float(x.to(torch.float64).var())
+        for target in TARGETS:
+            ref = at_rate(lambda s, x=x: ecsq(x, s), target, var)["snr_at_target"]
+            gains = [
+                at_rate(lambda s, x=x, f=f: f(x, s, weights), target, var)["snr_at_target"] - ref
+                for f in (plain_decoder, encoder_centroids, network)
+            ]
+            lines.append(f"{source:8} {target:3.0f} " + " ".join(f"{g:+9.3f}" for g in gains))
+    return "\n".join(lines)
+
+
 def at_rate(measure: Callable[[float], dict[str, float]], target: float, var: float, tol: float = 2e-3) -> dict:
     """Bisect log2(step) until the rate is within ``tol`` of ``target``; the SNR at exactly ``target`` is
     interpolated between the nearest points above and below it."""
@@ -103,11 +141,22 @@ def at_rate(measure: Callable[[float], dict[str, float]], target: float, var: fl
     return {"step": 2.0 ** best[0], **best[2], "snr": snr(best[2]), "snr_at_target": snr_t}
 
 
+def source_chunks(source: str, n_chunks: int, seed: int) -> torch.Tensor:
+    """Held-out chunks: synthetic rows with ``seed``, or ``minilm5`` (MiniLM's layer 5, which training never sees,
+    all its tensors pooled as one; at most ``n_chunks`` of them, drawn with ``seed``)."""
+    if source != "minilm5":
+        return synthetic_chunks(source, n_chunks, torch.Generator().manual_seed(seed))
+    x = torch.cat(list(minilm_chunks(holdout=True).values()))
+    if x.shape[0] > n_chunks:
+        x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n_chunks]]
+    return x
+
+
 def evaluate(weights: Mapping[str, torch.Tensor], n_chunks: int = 1 << 16, seed: int = EVAL_SEED) -> list[dict]:
     """One row per (source, target rate) with the ECSQ and network figures."""
     rows = []
     for k, source in enumerate(SOURCES):
-        x = synthetic_chunks(source, n_chunks, torch.Generator().manual_seed(seed + k))
+        x = source_chunks(source, n_chunks, seed + k)
         var = float(x.to(torch.float64).var())
         for target in TARGETS:
             e = at_rate(lambda s, x=x: ecsq(x, s), target, var)
@@ -156,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=1 << 16, help="chunks per source (16 values each)")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ablations", action="store_true", help="also the encoder-only and decoder-only gains")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.weights is None:
@@ -168,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
         weights = load_file(str(a.weights))
     print(format_table(evaluate(weights, n_chunks=a.chunks, seed=a.seed)))
+    if a.ablations:
+        print(ablations(weights, n_chunks=a.chunks, seed=a.seed))
     return 0
 
 

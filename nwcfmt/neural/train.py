@@ -2,22 +2,32 @@
 
     python -m nwcfmt.neural.train --out nwcfmt/neural/nwc-mlp-1.safetensors [--steps N] [--minutes M] [--seed 0]
 
-Data: row-normalised Gaussian, Laplace and Student-t (nu = 4) rows, and all-MiniLM-L6-v2's 2-D weights, cut
-into 16-row chunks of one column (:mod:`nwcfmt.neural.data`). Each batch is ``groups`` tensors of ``chunks``
-chunks; each group has one latent step, drawn log-uniformly in ``[step_min, step_max]`` (about 7 to 1.3 bits
-per value for a Gaussian), and each chunk an importance level.
+Data: row-normalised Gaussian, Laplace and Student-t (nu = 4) rows, and all-MiniLM-L6-v2's 2-D weights but
+layer 5 (held out for evaluation), cut into 16-row chunks of one column (:mod:`nwcfmt.neural.data`). Each batch
+is ``groups`` tensors of ``chunks`` chunks; each group has one latent step, drawn log-uniformly in
+``[step_min, step_max]`` (about 7 to 1.3 bits per value for a Gaussian), and each chunk an importance level.
+In a quarter of the groups, 5% of the chunks get one value of magnitude 8 to 256 (log-uniform): without them
+the decoder, a ReLU network, extrapolates linearly and one 30-sigma weight spoils its whole chunk.
 
-Loss per group, with ``w_l = 2**l`` the level's distortion weight::
+Loss per group, with ``w_l = 2**l`` the level's distortion weight (level 0 is the data-free default; a higher
+level is a column whose errors cost more; the latent grid is the tensor's step at every level, so a level can
+only move the rounding thresholds and the reconstruction points)::
 
     mean(w_l * (x_hat - x)**2) / step**2 + beta * rate_bits_per_value
 
 At high rate ECSQ gives ``D = step**2 / 12`` and ``R = h - log2(step)``, so ``dD/dR = -ln(2) step**2 / 6``: with
 ``beta = ln(2) / 6 = 2 ln(2) / 12`` (about 0.1155) the Lagrangian ``D / step**2 + beta R`` is stationary at the
 step the tensor was given. The network therefore has no reason to shift the rate a step means (the bisection
-on the step already sets the rate) and spends its freedom on a better trade at that rate, at every step. The
-rate is the soft-histogram entropy of :mod:`nwcfmt.neural.rate`; the decoder sees the hard latents through a
-straight-through estimator. The last layers start at zero, so training starts from plain ECSQ (rounding to
-nearest, midpoint reconstruction).
+on the step already sets the rate) and spends its freedom on a better trade at that rate, at every step (half
+that beta measured far worse: encoder and decoder drift into a shifted latent code).
+
+Gradients: the decoder is trained on the hard latents ``q = round(y)``. The encoder gets the expected loss of
+dithered rounding ``round(y + u)``: the rate is the soft-histogram entropy of :mod:`nwcfmt.neural.rate`, the
+distortion ``(1 - f) e_lo + f e_hi`` with ``f = y - floor(y)`` and ``e_lo``, ``e_hi`` the decoder's squared
+errors at the two integers around ``y`` (a second, gradient-free decoder pass): each value is pushed towards
+the integer with the better distortion + rate, which is rate-distortion optimised rounding (``--encoder-grad
+ste`` uses a straight-through estimator instead; it measured the same). The last layers start at zero, so
+training starts from plain ECSQ (rounding to nearest, midpoint reconstruction).
 
 Determinism: fixed seed, one generator for the data, one CPU thread by default, deterministic algorithms; a
 run stops after ``--steps`` (the shipped default); ``--minutes`` is only a safety cap (a run it cuts short is not
@@ -44,13 +54,15 @@ from nwcfmt.neural.arch import (
     ENCODER_BOUND,
     ENCODER_TENSORS,
     HIDDEN,
+    IN_FEATURES,
     N_LEVELS,
     decoder_hash,
     decoder_output,
     encoder_latents,
 )
 from nwcfmt.neural.data import SYNTHETIC_KINDS, minilm_chunks, synthetic_chunks
-from nwcfmt.neural.rate import hard_rate, soft_rate
+from nwcfmt.neural.rate import soft_rate
+from nwcfmt.neural.weights import METADATA_KEY
 
 BETA = 2 * math.log(2) / 12
 
@@ -59,7 +71,7 @@ BETA = 2 * math.log(2) / 12
 class TrainConfig:
     """Everything that defines a training run (written to the JSON next to the weights)."""
 
-    steps: int = 3000
+    steps: int = 5000
     seed: int = 0
     groups: int = 8
     chunks: int = 512
@@ -74,29 +86,54 @@ class TrainConfig:
     synthetic_frac: float = 0.5
     minilm: bool = True
     threads: int = 1
-    minutes: float = 10.0
+    minutes: float = 9.5
     grad_clip: float = 1.0
+    encoder_grad: str = "rdo"
+    outlier_groups: float = 0.25  # share of groups where chunks get one large value (robustness to outliers)
+    outlier_chunks: float = 0.05  # share of such a group's chunks that get one
+    outlier_range: tuple[float, float] = (8.0, 256.0)  # magnitudes, log-uniform (row-normalised values)
+    ema: float = 0.0  # > 0: ship an exponential moving average of the second half of training
+    separable: str = "none"  # "none", "init" (per-channel paths at the start) or "mask" (kept all along)
 
 
 # ------------------------------------------------------------------------------------------------ parameters
 
 
-def init_params(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Encoder and decoder tensors: Kaiming-uniform hidden layers, small embeddings, zero last layers."""
+def channel_masks() -> dict[str, torch.Tensor]:
+    """0/1 masks that split each MLP into 16 per-channel paths (``HIDDEN / 16`` units per channel per layer);
+    ``log2(step)`` and the level embedding reach every unit."""
+    per = HIDDEN // CHUNK
+    unit = torch.arange(HIDDEN) // per
+    m0 = torch.ones(HIDDEN, IN_FEATURES)
+    m0[:, :CHUNK] = (unit.reshape(-1, 1) == torch.arange(CHUNK)).float()
+    m1 = (unit.reshape(-1, 1) == unit.reshape(1, -1)).float()
+    m2 = (torch.arange(CHUNK).reshape(-1, 1) == unit.reshape(1, -1)).float()
+    return {"l0": m0, "l1": m1, "l2": m2}
+
+
+def init_params(gen: torch.Generator, separable: bool = False) -> dict[str, torch.Tensor]:
+    """Encoder and decoder tensors: Kaiming-uniform hidden layers (on the per-channel paths only when
+    ``separable``), small embeddings, zero last layers (the network starts as plain ECSQ)."""
+    masks = channel_masks()
     params: dict[str, torch.Tensor] = {}
     for name, shape in {**ENCODER_TENSORS, **DECODER_TENSORS}.items():
+        layer = name.split(".")[1]
         if name.endswith(".emb"):
             t = 0.1 * torch.randn(shape, generator=gen)
-        elif ".l2." in name:
+        elif layer == "l2":
             t = torch.zeros(shape)
-        elif name.endswith(".weight"):
-            bound = 1 / math.sqrt(shape[1])
-            t = (torch.rand(shape, generator=gen) * 2 - 1) * bound
         else:
-            fan_in = DECODER_TENSORS[name.replace("enc.", "dec.").replace(".bias", ".weight")][1]
-            t = (torch.rand(shape, generator=gen) * 2 - 1) / math.sqrt(fan_in)
+            mask = masks[layer] if separable else torch.ones(shape[0], _fan_in(layer))
+            bound = 1 / math.sqrt(float(mask.sum(dim=1).max()))
+            t = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+            if name.endswith(".weight"):
+                t = t * mask
         params[name] = t.to(torch.float32).requires_grad_()
     return params
+
+
+def _fan_in(layer: str) -> int:
+    return DECODER_TENSORS[f"dec.{layer}.weight"][1]
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -118,10 +155,23 @@ class Sampler:
         t = self.real[int(torch.randint(len(self.real), (), generator=gen))]
         return t[torch.randint(t.shape[0], (cfg.chunks,), generator=gen)]
 
+    def _outliers(self, x: torch.Tensor) -> torch.Tensor:
+        """Put one log-uniform large value of random sign into some chunks (``x`` is modified in place)."""
+        cfg, gen = self.cfg, self.gen
+        if float(torch.rand((), generator=gen)) >= cfg.outlier_groups:
+            return x
+        rows = torch.nonzero(torch.rand(x.shape[0], generator=gen) < cfg.outlier_chunks).reshape(-1)
+        cols = torch.randint(CHUNK, (rows.numel(),), generator=gen)
+        lo, hi = (math.log(v) for v in cfg.outlier_range)
+        mag = torch.exp(lo + (hi - lo) * torch.rand(rows.numel(), generator=gen))
+        sign = torch.randint(2, (rows.numel(),), generator=gen) * 2 - 1
+        x[rows, cols] = mag * sign
+        return x
+
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x`` ``[G, n, 16]``, levels ``[G, n]``, steps ``[G]``."""
         cfg, gen = self.cfg, self.gen
-        x = torch.stack([self._source() for _ in range(cfg.groups)])
+        x = torch.stack([self._outliers(self._source().clone()) for _ in range(cfg.groups)])
         lo, hi = math.log2(cfg.step_min), math.log2(cfg.step_max)
         steps = torch.exp2(lo + (hi - lo) * torch.rand(cfg.groups, generator=gen))
         levels = torch.multinomial(self.level_probs, cfg.groups * cfg.chunks, replacement=True, generator=gen)
@@ -138,18 +188,32 @@ def forward(
     groups, n, _ = x.shape
     st = steps.repeat_interleave(n).reshape(-1, 1)
     lv = levels.reshape(-1)
-    y = encoder_latents(x.reshape(-1, CHUNK), lv, st, params)
-    q = y + (torch.round(y) - y).detach()  # straight through: the decoder sees the integers
-    x_hat = decoder_output(q, lv, st, params)
-    weight = torch.tensor(cfg.level_weights, dtype=torch.float32)[lv].reshape(-1, 1)
-    dist = (weight * (x_hat - x.reshape(-1, CHUNK)).square() / st.square()).reshape(groups, -1).mean(dim=1)
+    xf = x.reshape(-1, CHUNK)
+    weight = torch.tensor(cfg.level_weights, dtype=torch.float32)[lv].reshape(-1, 1) / st.square()
+    y = encoder_latents(xf, lv, st, params)
+    if cfg.encoder_grad == "ste":
+        q = y + (torch.round(y) - y).detach()  # straight through: the decoder sees the integers
+        dist = (weight * (decoder_output(q, lv, st, params) - xf).square()).reshape(groups, -1).mean(dim=1)
+        dist_enc = torch.zeros_like(dist)
+    else:
+        lo = torch.floor(y.detach())
+        q = torch.round(y.detach())
+        x_hat = decoder_output(q, lv, st, params)
+        err = (x_hat - xf).square()
+        dist = (weight * err).reshape(groups, -1).mean(dim=1)
+        with torch.no_grad():  # the other candidate: the other integer next to y, in every channel at once
+            up = q == lo
+            err_alt = (decoder_output(torch.where(up, lo + 1, lo), lv, st, params) - xf).square()
+            err_lo = torch.where(up, err.detach(), err_alt)
+            err_hi = torch.where(up, err_alt, err.detach())
+        frac = y - lo
+        dist_enc = (weight * ((1 - frac) * err_lo + frac * err_hi)).reshape(groups, -1).mean(dim=1)
     y_g = y.reshape(groups, n, CHUNK)
     rate = soft_rate(y_g, levels, N_LEVELS)
-    loss = (dist + cfg.beta * rate).mean()
+    loss = (dist + dist_enc + cfg.beta * rate).mean()
     parts = {
         "dist": float(dist.detach().mean()),
         "rate": float(rate.detach().mean()),
-        "rate_hard": float(hard_rate(y_g.detach(), levels, N_LEVELS).mean()),
     }
     return loss, parts
 
@@ -167,11 +231,13 @@ def train(cfg: TrainConfig, log=print) -> tuple[dict[str, torch.Tensor], dict[st
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    params = init_params(gen)
+    params = init_params(gen, separable=cfg.separable != "none")
+    masks = channel_masks() if cfg.separable == "mask" else {}
     sampler = Sampler(cfg, gen)
     opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
     start, done, cut = time.monotonic(), 0, False
     running: dict[str, float] = {}
+    ema: dict[str, torch.Tensor] = {}
     for i in range(cfg.steps):
         if time.monotonic() - start > cfg.minutes * 60:
             cut = True
@@ -185,6 +251,17 @@ def train(cfg: TrainConfig, log=print) -> tuple[dict[str, torch.Tensor], dict[st
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         opt.step()
+        if cfg.ema > 0 and i >= cfg.steps // 2:
+            with torch.no_grad():
+                if not ema:
+                    ema.update({k: v.detach().clone() for k, v in params.items()})
+                for k, v in params.items():
+                    ema[k].lerp_(v.detach(), 1 - cfg.ema)
+        if masks:
+            with torch.no_grad():
+                for name, t in params.items():
+                    if name.endswith(".weight"):
+                        t.mul_(masks[name.split(".")[1]])
         done = i + 1
         parts["loss"] = float(loss.detach())
         for k, v in parts.items():
@@ -195,7 +272,7 @@ def train(cfg: TrainConfig, log=print) -> tuple[dict[str, torch.Tensor], dict[st
                 + "  ".join(f"{k} {v:.4f}" for k, v in running.items())
                 + f"  {time.monotonic() - start:.0f}s"
             )
-    weights = {k: v.detach().clone().contiguous() for k, v in params.items()}
+    weights = {k: v.detach().clone().contiguous() for k, v in (ema or params).items()}
     summary = {
         "steps_done": done,
         "cut_by_minutes": cut,
@@ -216,11 +293,12 @@ def save(weights: dict[str, torch.Tensor], out: Path, cfg: TrainConfig, summary:
     meta = {
         "arch": ARCH_ID,
         "decoder_sha256": decoder_hash(dec),
-        "hidden": str(HIDDEN),
-        "encoder_bound": repr(ENCODER_BOUND),
+        "encoder_bound": ENCODER_BOUND,
+        "hidden": HIDDEN,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out), metadata=meta)
+    # one metadata key holding canonical JSON: safetensors writes a metadata map in no fixed order
+    save_file(weights, str(out), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
     info = {
         "arch": ARCH_ID,
@@ -244,8 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=TrainConfig.threads)
     p.add_argument("--groups", type=int, default=TrainConfig.groups, help="tensors per batch")
     p.add_argument("--chunks", type=int, default=TrainConfig.chunks, help="chunks per tensor in a batch")
+    p.add_argument("--encoder-grad", choices=("rdo", "ste"), default=TrainConfig.encoder_grad)
+    p.add_argument("--beta", type=float, default=TrainConfig.beta, help="rate weight (default 2 ln 2 / 12)")
+    p.add_argument("--outlier-groups", type=float, default=TrainConfig.outlier_groups)
+    p.add_argument("--ema", type=float, default=TrainConfig.ema, help="weight averaging decay (0: off)")
+    p.add_argument("--separable", choices=("none", "init", "mask"), default=TrainConfig.separable)
     p.add_argument("--synthetic-only", action="store_true", help="no MiniLM weights (tests, offline)")
-    p.add_argument("--eval-chunks", type=int, default=1 << 15, help="chunks per final evaluation set (0: none)")
+    p.add_argument("--eval-chunks", type=int, default=1 << 14, help="chunks per final evaluation set (0: none)")
     a = p.parse_args(argv)
     cfg = TrainConfig(
         steps=a.steps,
@@ -255,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         chunks=a.chunks,
         minutes=a.minutes,
         minilm=not a.synthetic_only,
+        encoder_grad=a.encoder_grad,
+        separable=a.separable,
+        ema=a.ema,
+        beta=a.beta,
+        outlier_groups=a.outlier_groups,
     )
     weights, summary = train(cfg)
     sha = save(weights, a.out, cfg, summary)
