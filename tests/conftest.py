@@ -44,3 +44,30 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     (path / "tokenizer_config.json").write_text('{"model_max_length": 256}\n')
     return path
+
+
+def rewrite_nwc(src: Path, dst: Path, edit) -> Path:
+    """Copy an NWC file with ``edit(manifest, tensors)`` applied (both mutable), CRC-32s recomputed and the
+    64-byte alignment kept, so that only the edit, not the surgery, can make a reader refuse the copy."""
+    import json
+
+    from safetensors import safe_open
+
+    from nwcfmt.constants import MANIFEST_KEY, PAD_PREFIX
+    from nwcfmt.container.checksum import crc32
+    from nwcfmt.container.safetensors_io import StreamingWriter, tensor_bytes
+
+    with safe_open(str(src), "pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(PAD_PREFIX)}  # noqa: SIM118
+    manifest = json.loads(metadata[MANIFEST_KEY])
+    edit(manifest, tensors)
+    for rec in manifest["tensors"]:
+        for ref in rec["segments"].values():
+            ref["crc32"] = f"{crc32(tensor_bytes(tensors[ref['tensor']].contiguous())):08x}"
+    metadata[MANIFEST_KEY] = json.dumps(manifest)
+    writer = StreamingWriter(dst, alignment=manifest.get("alignment", 64))
+    for name, tensor in tensors.items():
+        writer.add(name, tensor.contiguous())
+    writer.finish(metadata)
+    return dst

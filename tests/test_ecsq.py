@@ -3,13 +3,13 @@ Gaussian rows, decoding follows spec/codecs/latent.md, outputs are deterministic
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
 import nwcfmt
+from conftest import rewrite_nwc
 from nwcfmt import NwcReader, NwcWriter
 from nwcfmt.codecs.ecsq import EcsqCodec
 from nwcfmt.errors import EncodeError, FormatError, NwcError
@@ -124,29 +124,18 @@ def test_unreachable_target_and_bad_input(tmp_path):
 
 # ------------------------------------------------------------------------------------------ bad records
 def _edit(path, edit_manifest=None, edit_segment=None):
-    """Rewrite a one-tensor file with an edited record or segment (CRC fixed), returning the new path."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """A copy of a one-tensor file with an edited record or segment (CRC fixed, alignment kept)."""
 
-    from nwcfmt.container.checksum import crc32
+    def edit(manifest, tensors):
+        rec = manifest["tensors"][0]
+        if edit_segment:
+            seg, fn = edit_segment
+            name = rec["segments"][seg]["tensor"]
+            tensors[name] = fn(tensors[name].clone())
+        if edit_manifest:
+            edit_manifest(rec)
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    manifest = json.loads(meta["nwc"])
-    rec = manifest["tensors"][0]
-    if edit_segment:
-        seg, fn = edit_segment
-        name = rec["segments"][seg]["tensor"]
-        tensors[name] = fn(tensors[name].clone())
-        raw = tensors[name].contiguous().view(torch.uint8).numpy().tobytes()
-        rec["segments"][seg]["crc32"] = f"{crc32(raw):08x}"
-    if edit_manifest:
-        edit_manifest(rec)
-    meta["nwc"] = json.dumps(manifest)
-    out = path.with_name("edited.safetensors")
-    save_file(tensors, str(out), metadata=meta)
-    return out
+    return rewrite_nwc(path, path.with_name("edited.safetensors"), edit)
 
 
 def _set(key, value):
@@ -163,6 +152,19 @@ BAD = {
     "lane-symbols-huge": (_set("lane_symbols", 1 << 40), None),
     "levels": (_set("levels", 2), None),
     "scale-dtype": (_set("scale_dtype", "float32"), None),
+}
+
+
+BAD_MESSAGES = {
+    "table-sum": "sums to",
+    "recon-nan": "reconstruction values must be finite",
+    "scale-inf": "row scales must be finite",
+    "lane-state": "start state",
+    "word-flip": "does not decode|runs out of words",
+    "lane-symbols": "expected U32",
+    "lane-symbols-huge": "lane_symbols",
+    "levels": "expects segments",
+    "scale-dtype": "scale_dtype",
 }
 
 

@@ -123,7 +123,8 @@ class NeuralCodec(LatentCodec):
         levels = torch.zeros(chunks.shape[0], dtype=torch.int64)
         n = rows * cols  # weights; the latents also cover the padding rows
         n_latents = chunks.numel()
-        side = rows * SCALE_DTYPES[self.scale_dtype].itemsize + net_bytes() / self.net_share
+        net_share = net_bytes() / self.net_share  # this record's budgeted share of the file's decoder network
+        side = rows * SCALE_DTYPES[self.scale_dtype].itemsize + net_share
         channel_options = (1, arch.CHUNK) if self.channels == "auto" else (self.channels,)
 
         def latents_at(values: torch.Tensor, step: float) -> torch.Tensor:
@@ -189,7 +190,7 @@ class NeuralCodec(LatentCodec):
             for name, value in net.decoder.items():
                 segments[NET_PREFIX + name] = value
                 shared[NET_PREFIX + name] = f"{arch.ARCH_ID}.{net.decoder_hash[:16]}.{name}"
-            return 8 * (own + side) / n, EncodedTensor(segments, params, shared)
+            return 8 * (own + net_share) / n, EncodedTensor(segments, params, shared)
 
         if self.step is not None:
             return encode_at(float(np.float32(self.step)))[1]
