@@ -187,8 +187,8 @@ class NeuralCodec(LatentCodec):
             if self.step is None:
                 params["bits_target"] = self.bits
             shared = {}
-            for name, value in net.decoder.items():
-                segments[NET_PREFIX + name] = value
+            for name in arch.DECODER_TENSORS:  # a fixed order (a loaded file's key order is not): same bytes
+                segments[NET_PREFIX + name] = net.decoder[name]
                 shared[NET_PREFIX + name] = f"{arch.ARCH_ID}.{net.decoder_hash[:16]}.{name}"
             return 8 * (own + net_share) / n, EncodedTensor(segments, params, shared)
 

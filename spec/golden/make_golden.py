@@ -499,6 +499,12 @@ def build_latent(path: Path) -> dict[str, torch.Tensor]:
         w.write("ecsq.b3.mid.3d", weights("latent.d", (2, 8, 64), bf), "ecsq", bits=3, centroids=False)
         w.write("ecsq.constant", torch.full((4, 300), -0.5, dtype=ff), "ecsq", bits=4, lane_symbols=1024)
         write_ecsq_levels(w)
+        # neural: two records sharing the decoder network (stored once); 16 channel tables and one table; rows
+        # that are not a multiple of 16 (padded chunks)
+        w.write("neural.b4.fp32", weights("latent.e", (48, 64), ff), "neural", bits=4, lane_symbols=1024,
+                net_share=1 << 10, channels=16)  # fmt: skip
+        w.write("neural.b3.bf16.pad", weights("latent.f", (21, 100), bf), "neural", bits=3, lane_symbols=1024,
+                net_share=1 << 10, channels=1)  # fmt: skip
     return decode_all(path)
 
 
