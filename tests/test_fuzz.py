@@ -97,7 +97,9 @@ def _build_seeds(folder: Path) -> dict[str, tuple[bytes, bool]]:
     with NwcWriter(paths["latent"]) as w:
         w.write("e", torch.randn(40, 64, generator=g) * 0.02, "ecsq", bits=3, lane_symbols=1024)
         w.write("b", torch.randn(3, 700, generator=g).bfloat16(), "ecsq", bits=2.5, lane_symbols=1024)
-        w.write("c", torch.full((5, 7), 0.25), "ecsq", bits=4, lane_symbols=1024)
+        w.write("c", torch.full((5, 70), 0.25), "ecsq", bits=4, lane_symbols=1024)
+        for name in ("n", "m"):  # neural records sharing their decoder network (format 1.1 shared segments)
+            w.write(name, torch.randn(20, 48, generator=g), "neural", bits=4, lane_symbols=1024, net_share=1000)
 
     paths["plain"] = folder / "plain.safetensors"
     save_file({"a": torch.randn(4, 4, generator=g).half(), "b": torch.arange(3)}, str(paths["plain"]))

@@ -105,7 +105,7 @@ class LatentCodec(Codec):
     def layout(cls, record: TensorRecord) -> LatentLayout:
         if record.dtype not in ("float32", "float16", "bfloat16") or not record.shape or 0 in record.shape:
             raise FormatError(f"tensor {record.name!r}: {record.codec} tensors must be non-empty float tensors")
-        if record.params.get("scale_dtype") not in SCALE_DTYPES:
+        if record.params.get("scale_dtype") not in tuple(SCALE_DTYPES):
             raise FormatError(f"tensor {record.name!r}: param 'scale_dtype' must be one of {', '.join(SCALE_DTYPES)}")
         rows, cols = matrix_shape(record.shape)
         lane = int_param(record, "lane_symbols", rans.MIN_LANE_SYMBOLS, rans.MAX_LANE_SYMBOLS)

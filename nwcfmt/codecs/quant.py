@@ -90,7 +90,7 @@ def layout_of(record: TensorRecord) -> QuantLayout:
     symmetric = record.params.get("symmetric")
     if not isinstance(symmetric, bool):
         raise FormatError(f"tensor {record.name!r}: param 'symmetric' must be a boolean")
-    if record.params.get("scale_dtype") not in SCALE_DTYPES:
+    if record.params.get("scale_dtype") not in tuple(SCALE_DTYPES):
         raise FormatError(f"tensor {record.name!r}: param 'scale_dtype' must be one of {', '.join(SCALE_DTYPES)}")
     if record.params.get("entropy", "none") not in ("none", "zstd"):
         raise FormatError(f"tensor {record.name!r}: param 'entropy' must be 'none' or 'zstd'")
