@@ -1,15 +1,16 @@
 """Load time and peak memory of a 4-bit NWC SmolLM2 against the original safetensors model, in one run.
 
     python benchmarks/bench_load.py [--bits 4 --group-size 128 --repeat 5 --device cpu --dtype bfloat16]
+    python benchmarks/bench_load.py --codecs rtn ecsq neural --target-bits 4
 
-Encodes SmolLM2-135M (bf16) with ``rtn`` once, then loads each model ``--repeat`` times, every load in a
-fresh Python process (so peak memory is the load's own), with the files in the page cache (one warm-up
+Encodes SmolLM2-135M (bf16) with each of ``--codecs`` (default ``rtn``) once, then loads each model
+``--repeat`` times, every load in a fresh Python process (so peak memory is the load's own), with the files in the page cache (one warm-up
 load each). Methods:
 
 * ``transformers/original``: ``AutoModelForCausalLM.from_pretrained`` of the bf16 safetensors folder;
-* ``transformers/nwc``: the same call on the NWC folder (``import nwcfmt`` first);
+* ``transformers/<codec>``: the same call on the NWC folder (``import nwcfmt`` first);
 * ``tensors/original``: ``safetensors.torch.load_file`` (``device=``) of the original weights;
-* ``tensors/nwc``: ``nwcfmt.load`` of the NWC folder (on CUDA, the staged stream of
+* ``tensors/<codec>``: ``nwcfmt.load`` of the NWC folder (on CUDA, the staged stream of
   :mod:`nwcfmt.container.streaming`).
 
 For each it prints the median load time (model construction included for transformers; interpreter and
@@ -73,7 +74,7 @@ CHILD = textwrap.dedent(
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
         n = sum(p.numel() * p.element_size() for p in model.parameters())
     else:
-        if method.endswith("nwc"):
+        if not method.endswith("original"):
             tensors = nwcfmt.load(folder, device=device, dtype=dtype)
         else:
             tensors = safetensors.torch.load_file(folder + "/model.safetensors", device=device)
@@ -100,7 +101,9 @@ CHILD = textwrap.dedent(
     """
 )
 
-METHODS = ("transformers/original", "transformers/nwc", "tensors/original", "tensors/nwc")
+def methods(codecs: list[str]) -> list[str]:
+    """``transformers/original``, ``transformers/<codec>``..., then the same with ``tensors/``."""
+    return [f"{kind}/{name}" for kind in ("transformers", "tensors") for name in ("original", *codecs)]
 
 
 def run_child(method: str, folder: Path, device: str, dtype: str) -> dict:
@@ -123,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--codecs", nargs="+", default=["rtn"], help="NWC folders to load: rtn (--bits, --group-size), ecsq, neural"
+    )
+    parser.add_argument("--target-bits", type=float, default=4.0, help="ecsq and neural: --bits of the encode")
     args = parser.parse_args(argv)
 
     from nwcfmt import data
@@ -130,33 +137,42 @@ def main(argv: list[str] | None = None) -> int:
 
     original = data.smollm2_dir("bfloat16")
     with tempfile.TemporaryDirectory() as tmp:
-        encoded = Path(tmp) / "smollm2-nwc"
-        cli.main(
-            ["encode", str(original), "-o", str(encoded), "--codec", "rtn", "--bits", str(args.bits),
-             "--group-size", str(args.group_size), "-q"],
-            standalone_mode=False,
-        )  # fmt: skip
-        folders = {"original": original, "nwc": encoded}
-        results: dict[str, list[dict]] = {m: [] for m in METHODS}
-        for method in METHODS:  # warm-up: page cache, lazy compilation caches
+        folders = {"original": original}
+        for codec in args.codecs:
+            folders[codec] = Path(tmp) / f"smollm2-{codec}"
+            options = (
+                ["--bits", str(args.bits), "--group-size", str(args.group_size)]
+                if codec == "rtn"
+                else ["--bits", str(args.target_bits)]
+            )
+            cli.main(
+                ["encode", str(original), "-o", str(folders[codec]), "--codec", codec, *options, "-q"],
+                standalone_mode=False,
+            )
+        all_methods = methods(args.codecs)
+        results: dict[str, list[dict]] = {m: [] for m in all_methods}
+        for method in all_methods:  # warm-up: page cache, lazy compilation caches
             run_child(method, folders[method.split("/")[1]], args.device, args.dtype)
         for _ in range(args.repeat):
-            for method in METHODS:  # interleaved, so drift hits every method alike
+            for method in all_methods:  # interleaved, so drift hits every method alike
                 results[method].append(run_child(method, folders[method.split("/")[1]], args.device, args.dtype))
         stored = {k: folder_bytes(v) for k, v in folders.items()}
 
-    print(f"== load SmolLM2-135M: original bf16 safetensors vs NWC rtn {args.bits}-bit g{args.group_size} ==")
+    print(
+        f"== load SmolLM2-135M: original bf16 safetensors vs NWC {', '.join(args.codecs)} "
+        f"(rtn {args.bits}-bit g{args.group_size}; ecsq/neural --bits {args.target_bits}) =="
+    )
     print(
         f"device={args.device} dtype={args.dtype} cores={os.cpu_count()} torch={torch.__version__} "
         f"repeat={args.repeat} (median; one process per load; page cache warm)"
     )
-    print(f"weights on disk: original {stored['original'] / 1e6:.1f} MB, NWC {stored['nwc'] / 1e6:.1f} MB")
+    print("weights on disk: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in stored.items()))
     header = (
         f"{'method':24s} {'s':>7s} {'vs original':>12s} {'ΔRSS MB':>9s} {'Δanon peak':>11s} {'Δanon end':>10s} "
         f"{'decoded MB':>11s}"
     )
     print(header + (f" {'CUDA peak MB':>13s}" if args.device.startswith("cuda") else ""))
-    for method in METHODS:
+    for method in all_methods:
         runs = results[method]
         seconds = statistics.median(r["seconds"] for r in runs)
         base = statistics.median(r["seconds"] for r in results[method.split("/")[0] + "/original"])
