@@ -4,8 +4,8 @@
     python benchmarks/bench_load.py --codecs rtn ecsq neural --target-bits 4
 
 Encodes SmolLM2-135M (bf16) with each of ``--codecs`` (default ``rtn``) once, then loads each model
-``--repeat`` times, every load in a fresh Python process (so peak memory is the load's own), with the files in the page cache (one warm-up
-load each). Methods:
+``--repeat`` times, every load in a fresh Python process (so peak memory is the load's own), with the files in
+the page cache (one warm-up load each). Methods:
 
 * ``transformers/original``: ``AutoModelForCausalLM.from_pretrained`` of the bf16 safetensors folder;
 * ``transformers/<codec>``: the same call on the NWC folder (``import nwcfmt`` first);
