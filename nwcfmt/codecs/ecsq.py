@@ -30,25 +30,13 @@ from nwcfmt.codecs.registry import register_codec
 from nwcfmt.container.manifest import TensorRecord
 from nwcfmt.container.safetensors_io import TensorInfo
 from nwcfmt.encoders import ecsq, latents
-from nwcfmt.encoders.rate import bisect_step, gaussian_step, meet_target
+from nwcfmt.encoders.rate import find_step, meet_target
 from nwcfmt.entropy import rans
 from nwcfmt.entropy.rans import Context
-from nwcfmt.errors import EncodeError, FormatError
+from nwcfmt.errors import FormatError
 
 RECON_SEGMENT = "recon"
 SAMPLE_SYMBOLS = 1 << 16  # rate control bisects on an evenly strided subsample of about this many weights first
-
-
-def check_rate_config(bits: float | None, step: float | None, lane_symbols: int, scale_dtype: str) -> None:
-    """Config checks shared by the latent codecs."""
-    if step is None and (not isinstance(bits, (int, float)) or isinstance(bits, bool) or not 0.5 <= bits <= 16):
-        raise EncodeError("bits must be a number in [0.5, 16] (or give step)")
-    if step is not None and not (isinstance(step, (int, float)) and 0 < step < float("inf")):
-        raise EncodeError("step must be a positive number")
-    if not rans.MIN_LANE_SYMBOLS <= lane_symbols <= rans.MAX_LANE_SYMBOLS:
-        raise EncodeError(f"lane_symbols must be in [{rans.MIN_LANE_SYMBOLS}, {rans.MAX_LANE_SYMBOLS}]")
-    if scale_dtype not in SCALE_DTYPES:
-        raise EncodeError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
 
 
 @register_codec
@@ -60,28 +48,12 @@ class EcsqCodec(LatentCodec):
 
     codec_id = "ecsq"
 
-    def __init__(
-        self,
-        bits: float | None = 4.0,
-        step: float | None = None,
-        centroids: bool = True,
-        refit: bool = True,
-        lane_symbols: int = rans.DEFAULT_LANE_SYMBOLS,
-        scale_dtype: str = "float16",
-    ) -> None:
-        check_rate_config(bits, step, lane_symbols, scale_dtype)
-        self.bits, self.step, self.centroids, self.refit = bits, step, bool(centroids), bool(refit)
-        self.lane_symbols, self.scale_dtype = lane_symbols, scale_dtype
+    def __init__(self, centroids: bool = True, **config: Any) -> None:
+        super().__init__(**config)
+        self.centroids = bool(centroids)
 
     def get_config(self) -> dict[str, Any]:
-        rate = {"step": self.step} if self.step is not None else {"bits": self.bits}
-        return {
-            **rate,
-            "centroids": self.centroids,
-            "refit": self.refit,
-            "lane_symbols": self.lane_symbols,
-            "scale_dtype": self.scale_dtype,
-        }
+        return {**super().get_config(), "centroids": self.centroids}
 
     # ------------------------------------------------------------------------------------------ encode
     def encode(self, tensor: torch.Tensor, ctx: EncodeContext | None = None) -> EncodedTensor:
@@ -139,9 +111,7 @@ class EcsqCodec(LatentCodec):
 
         if self.step is not None:
             return encode_at(float(self.step))[1]
-        guess = gaussian_step(self.bits)  # a subsample first, then every value near its answer
-        rough = bisect_step(estimate_on(sample), self.bits, bracket=(guess / 16, guess * 16), tol=0.01)
-        step = bisect_step(estimate_on(flat), self.bits, bracket=(rough / 1.04, rough * 1.04))
+        step = find_step(estimate_on, sample, flat, self.bits)
         return meet_target(encode_at, step, self.bits)[1]
 
     # ------------------------------------------------------------------------------------------ decode

@@ -207,6 +207,33 @@ class LatentCodec(Codec):
         }
 
     # ------------------------------------------------------------------------------------------ encode helpers
+    def __init__(
+        self,
+        bits: float | None = 4.0,
+        step: float | None = None,
+        refit: bool = True,
+        lane_symbols: int = rans.DEFAULT_LANE_SYMBOLS,
+        scale_dtype: str = "float16",
+    ) -> None:
+        """The config every latent encoder shares: a target ``bits`` per weight (a real number) or a fixed
+        ``step``, ``refit`` (least-squares row scales), ``lane_symbols`` and ``scale_dtype``."""
+        if step is None and (not isinstance(bits, (int, float)) or isinstance(bits, bool) or not 0.5 <= bits <= 16):
+            raise EncodeError("bits must be a number in [0.5, 16] (or give step)")
+        if step is not None and not (isinstance(step, (int, float)) and 0 < step < float("inf")):
+            raise EncodeError("step must be a positive number")
+        if not rans.MIN_LANE_SYMBOLS <= lane_symbols <= rans.MAX_LANE_SYMBOLS or lane_symbols % self.chunk:
+            raise EncodeError(
+                f"lane_symbols must be a multiple of {self.chunk} in [{rans.MIN_LANE_SYMBOLS}, {rans.MAX_LANE_SYMBOLS}]"
+            )
+        if scale_dtype not in tuple(SCALE_DTYPES):
+            raise EncodeError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
+        self.bits, self.step, self.refit = bits, step, bool(refit)
+        self.lane_symbols, self.scale_dtype = lane_symbols, scale_dtype
+
+    def get_config(self) -> dict[str, Any]:
+        rate = {"step": self.step} if self.step is not None else {"bits": self.bits}
+        return {**rate, "refit": self.refit, "lane_symbols": self.lane_symbols, "scale_dtype": self.scale_dtype}
+
     def check_input(self, tensor: torch.Tensor) -> None:
         if tensor.dtype not in LATENT_DTYPES or tensor.dim() < 1 or tensor.numel() == 0:
             raise EncodeError(

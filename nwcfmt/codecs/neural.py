@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nwcfmt.codecs.base import PRIMARY_SEGMENT, EncodeContext, EncodedTensor
-from nwcfmt.codecs.ecsq import SAMPLE_SYMBOLS, check_rate_config
+from nwcfmt.codecs.ecsq import SAMPLE_SYMBOLS
 from nwcfmt.codecs.latent import (
     LANES_SEGMENT,
     LEVELS_SEGMENT,
@@ -38,7 +38,7 @@ from nwcfmt.codecs.registry import register_codec
 from nwcfmt.container.manifest import TensorRecord
 from nwcfmt.container.safetensors_io import TensorInfo
 from nwcfmt.encoders import ecsq, latents
-from nwcfmt.encoders.rate import bisect_step, gaussian_step, meet_target
+from nwcfmt.encoders.rate import find_step, meet_target
 from nwcfmt.entropy import rans
 from nwcfmt.entropy.rans import Context
 from nwcfmt.errors import EncodeError, FormatError
@@ -78,37 +78,16 @@ class NeuralCodec(LatentCodec):
     codec_id = "neural"
     chunk = arch.CHUNK
 
-    def __init__(
-        self,
-        bits: float | None = 4.0,
-        step: float | None = None,
-        channels: str | int = "auto",
-        net_share: int = DEFAULT_NET_SHARE,
-        refit: bool = True,
-        lane_symbols: int = rans.DEFAULT_LANE_SYMBOLS,
-        scale_dtype: str = "float16",
-    ) -> None:
-        check_rate_config(bits, step, lane_symbols, scale_dtype)
+    def __init__(self, channels: str | int = "auto", net_share: int = DEFAULT_NET_SHARE, **config: Any) -> None:
+        super().__init__(**config)
         if channels not in CHANNEL_CHOICES:
             raise EncodeError("channels must be 'auto', 1 or 16")
-        if lane_symbols % arch.CHUNK:
-            raise EncodeError(f"lane_symbols must be a multiple of {arch.CHUNK}")
         if not isinstance(net_share, int) or isinstance(net_share, bool) or net_share < 1:
             raise EncodeError("net_share must be a positive integer")
-        self.bits, self.step, self.channels, self.net_share = bits, step, channels, net_share
-        self.refit = bool(refit)
-        self.lane_symbols, self.scale_dtype = lane_symbols, scale_dtype
+        self.channels, self.net_share = channels, net_share
 
     def get_config(self) -> dict[str, Any]:
-        rate = {"step": self.step} if self.step is not None else {"bits": self.bits}
-        return {
-            **rate,
-            "channels": self.channels,
-            "net_share": self.net_share,
-            "refit": self.refit,
-            "lane_symbols": self.lane_symbols,
-            "scale_dtype": self.scale_dtype,
-        }
+        return {**super().get_config(), "channels": self.channels, "net_share": self.net_share}
 
     # ------------------------------------------------------------------------------------------ encode
     def encode(self, tensor: torch.Tensor, ctx: EncodeContext | None = None) -> EncodedTensor:
@@ -195,9 +174,7 @@ class NeuralCodec(LatentCodec):
         if self.step is not None:
             return encode_at(float(np.float32(self.step)))[1]
         stride = max(1, chunks.shape[0] * arch.CHUNK // SAMPLE_SYMBOLS)
-        guess = gaussian_step(self.bits)
-        rough = bisect_step(estimate_on(chunks[::stride]), self.bits, bracket=(guess / 16, guess * 16), tol=0.01)
-        step = bisect_step(estimate_on(chunks), self.bits, bracket=(rough / 1.04, rough * 1.04))
+        step = find_step(estimate_on, chunks[::stride], chunks, self.bits)
         return meet_target(lambda s: encode_at(float(np.float32(s))), step, self.bits)[1]
 
     # ------------------------------------------------------------------------------------------ layout

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 from nwcfmt.errors import EncodeError
 
 STEP_MIN, STEP_MAX = 2.0**-14, 2.0**6
+T = TypeVar("T")
 
 
 def gaussian_step(bits: float) -> float:
@@ -42,6 +44,14 @@ def bisect_step(
         if hi - lo < tol:
             break
     return 2.0**hi
+
+
+def find_step(estimate_on: Callable[[T], Callable[[float], float]], sample: T, full: T, target: float) -> float:
+    """Rate control in two passes: bisect ``estimate_on(sample)`` (a cheap subsample) from a Gaussian guess to
+    1%, then ``estimate_on(full)`` within 4% of that answer to 0.1% (widening if the answer lies outside)."""
+    guess = gaussian_step(target)
+    rough = bisect_step(estimate_on(sample), target, bracket=(guess / 16, guess * 16), tol=0.01)
+    return bisect_step(estimate_on(full), target, bracket=(rough / 1.04, rough * 1.04))
 
 
 def meet_target(encode_at: Callable[[float], tuple[float, object]], step: float, target: float, tries: int = 40):
