@@ -5,7 +5,8 @@ MiniLM cosine against measured bits per weight beside rtn and HQQ, and speed.
     python benchmarks/bench_nwc.py smollm2 [--bits 2.5 3 3.5 4 5] [--codecs ecsq neural rtn rtn-clip hqq]
     python benchmarks/bench_nwc.py minilm  [--bits ...]        # embedding cosine against the fp32 original
     python benchmarks/bench_nwc.py speed                       # encode, CPU decode, entropy stage vs constriction
-    python benchmarks/bench_nwc.py report                      # tables (markdown) and the RD plot
+    python benchmarks/bench_nwc.py smollm2 --codecs ecsq:refit=false --bits 2.5 4   # an ablation: codec:k=v,...
+    python benchmarks/bench_nwc.py report --plot rd.png        # tables (markdown) and the RD plot
 
 Rows go to ``benchmarks/results/nwc.json`` (``--json``) as they are measured; a row already there for the same
 protocol is kept (``--fresh`` re-measures). Bits per weight are file bytes over the encoded Linear weights
@@ -128,12 +129,23 @@ def run_gaussian(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ models
+def split_codec(codec: str) -> tuple[str, dict]:
+    """``"ecsq:refit=false,centroids=true"`` -> ``("ecsq", {"refit": False, "centroids": True})``."""
+    name, _, extra = codec.partition(":")
+    params = {}
+    for item in filter(None, extra.split(",")):
+        key, _, value = item.partition("=")
+        params[key] = json.loads(value)
+    return name, params
+
+
 def encode_folder(src: Path, dst: Path, codec: str, bits: float) -> float:
     from nwcfmt.convert import encode_model
     from nwcfmt.policy import Policy
 
-    if codec in LATENT_CODECS:
-        policy = Policy(codec=codec, params={"bits": bits})
+    name, extra = split_codec(codec)
+    if name in LATENT_CODECS:
+        policy = Policy(codec=name, params={"bits": bits, **extra})
     else:
         policy = Policy(codec="rtn", params={"bits": int(bits), "group_size": 128, "clip_search": codec == "rtn-clip"})
     start = time.perf_counter()
@@ -162,7 +174,8 @@ def run_models(args, model: str) -> None:
         print(f"{model} fp32: {rec.metric} {rec.value:.4f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="nwc-bench-") as tmp:
         for codec in args.codecs:
-            bits_list = args.bits if codec in LATENT_CODECS else sorted({int(b) for b in args.bits if b >= 2})
+            latent = split_codec(codec)[0] in LATENT_CODECS
+            bits_list = args.bits if latent else sorted({int(b) for b in args.bits if b >= 2})
             for bits in bits_list:
                 key = f"{model}/{codec}/{bits}"
                 if have(args.json, key, args.fresh):
