@@ -101,6 +101,7 @@ CHILD = textwrap.dedent(
     """
 )
 
+
 def methods(codecs: list[str]) -> list[str]:
     """``transformers/original``, ``transformers/<codec>``..., then the same with ``tensors/``."""
     return [f"{kind}/{name}" for kind in ("transformers", "tensors") for name in ("original", *codecs)]
