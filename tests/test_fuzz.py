@@ -93,13 +93,13 @@ def _build_seeds(folder: Path) -> dict[str, tuple[bytes, bool]]:
         w.write("f32", torch.randn(300, generator=g), "lossless", chunk_elems=256, raw_if_larger=False)
     paths["noise"] = folder / "noise.safetensors"
 
-    paths["latent"] = folder / "latent.safetensors"  # entropy-coded latents: rANS lanes, tables, side information
+    # entropy-coded latents: rANS lanes, tables, side information. Kept to the two cheapest ecsq records (a
+    # several-lane stream and a one-symbol alphabet): a latent case decodes in about 6 ms, the others in 2-13 ms.
+    # neural records (a network per decode, ~10 ms each) are fuzzed by targeted edits in test_neural_codec.py.
+    paths["latent"] = folder / "latent.safetensors"
     with NwcWriter(paths["latent"]) as w:
         w.write("e", torch.randn(40, 64, generator=g) * 0.02, "ecsq", bits=3, lane_symbols=1024)
-        w.write("b", torch.randn(3, 700, generator=g).bfloat16(), "ecsq", bits=2.5, lane_symbols=1024)
         w.write("c", torch.full((5, 70), 0.25), "ecsq", bits=4, lane_symbols=1024)
-        for name in ("n", "m"):  # neural records sharing their decoder network (format 1.1 shared segments)
-            w.write(name, torch.randn(20, 48, generator=g), "neural", bits=4, lane_symbols=1024, net_share=1000)
 
     paths["plain"] = folder / "plain.safetensors"
     save_file({"a": torch.randn(4, 4, generator=g).half(), "b": torch.arange(3)}, str(paths["plain"]))
