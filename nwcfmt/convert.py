@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from nwcfmt.codecs.base import Codec, EncodedTensor
+from nwcfmt.codecs.base import Codec, EncodeContext, EncodedTensor
 from nwcfmt.constants import FORMAT_VERSION_STR, LOADER_NOTICE
 from nwcfmt.container.reader import NwcReader
 from nwcfmt.container.safetensors_io import StreamingWriter
@@ -179,6 +179,18 @@ def quantization_config(
     return config
 
 
+def _policy_encoder(policy: Policy, source: WeightSource) -> TensorEncoder:
+    """Encodes each tensor with the codec ``policy`` chooses, telling each codec instance how many records of
+    the output it encodes (planned from the headers), so that shared segments are amortised exactly."""
+    claims = Counter(id(policy.choose(name, source.meta(name))) for name in source.names)
+
+    def encode(name: str, tensor: torch.Tensor) -> tuple[Codec, EncodedTensor]:
+        codec = policy.choose(name, tensor)
+        return encode_tensor(name, tensor, codec, EncodeContext(name=name, shared_claims=claims[id(codec)]))
+
+    return encode
+
+
 def encode_model(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -199,8 +211,8 @@ def encode_model(
     """
     src, dst = Path(src), Path(dst)
     policy = policy or Policy()
-    encoder = encoder or (lambda name, tensor: encode_tensor(name, tensor, policy.choose(name, tensor)))
     source = WeightSource.open(src)
+    encoder = encoder or _policy_encoder(policy, source)
     report = ConversionReport()
     numel = 0
     start = time.perf_counter()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nwcfmt.constants import MANIFEST_KEY
+from nwcfmt.constants import MANIFEST_KEY, ST_TO_TORCH
 from nwcfmt.container.safetensors_io import read_header
 from nwcfmt.errors import InputError, NwcError
 
@@ -69,6 +69,7 @@ class WeightSource:
     files: list[Path]
     locations: dict[str, Path] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # bytes of each tensor, read from headers
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)  # shape, dtype of each
     metadata: dict[str, str] = field(default_factory=dict)
     _bin_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -77,21 +78,23 @@ class WeightSource:
         path = Path(path)
         source = cls(path, find_weight_files(path))
         for file in source.files:
-            for name, nbytes in source._scan(file):
+            for name, nbytes, spec in source._scan(file):
                 if name in source.locations:
                     raise InputError(f"{path}: tensor {name!r} appears in two weight files")
                 source.locations[name] = file
                 source.sizes[name] = nbytes
+                source.specs[name] = spec
         return source
 
     @property
     def total_bytes(self) -> int:
         return sum(self.sizes.values())
 
-    def _scan(self, file: Path) -> list[tuple[str, int]]:
-        """(name, bytes) of every tensor in a weight file, from its header (safetensors) or state dict."""
+    def _scan(self, file: Path) -> list[tuple[str, int, tuple[tuple[int, ...], torch.dtype]]]:
+        """(name, bytes, (shape, dtype)) of every tensor in a weight file, from its header or state dict."""
         if file.suffix != ".safetensors":
-            return [(k, v.numel() * v.element_size()) for k, v in self._load_bin(file).items()]
+            state = self._load_bin(file)
+            return [(k, v.numel() * v.element_size(), (tuple(v.shape), v.dtype)) for k, v in state.items()]
         try:
             with open(file, "rb") as f:
                 header = read_header(f, file)
@@ -100,7 +103,7 @@ class WeightSource:
         if MANIFEST_KEY in header.metadata:
             raise InputError(f"{file}: already an NWC file (decode it first)")
         self.metadata.update(header.metadata)
-        return [(t.name, t.nbytes) for t in header.tensors.values()]
+        return [(t.name, t.nbytes, (t.shape, ST_TO_TORCH[t.dtype])) for t in header.tensors.values()]
 
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._bin_cache:
@@ -129,6 +132,11 @@ class WeightSource:
             with safe_open(file, "pt") as f:
                 return f.get_tensor(name)
         return self._load_bin(file)[name].contiguous()
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A tensor on the ``meta`` device with ``name``'s shape and dtype (nothing read): for planning."""
+        shape, dtype = self.specs[name]
+        return torch.empty(shape, dtype=dtype, device="meta")
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names:

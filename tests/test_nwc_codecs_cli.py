@@ -19,11 +19,12 @@ def test_encode_info_verify_load(tmp_path, tiny_llama_dir, codec):
 
     out = tmp_path / codec
     bits = 3.5
-    args = ["--param", "net_share=21"] if codec == "neural" else []  # the tiny model has 21 encoded tensors
-    run_nwc("encode", tiny_llama_dir, "-o", out, "--codec", codec, "--bits", bits, "-q", *args)
+    run_nwc("encode", tiny_llama_dir, "-o", out, "--codec", codec, "--bits", bits, "-q")
     info = json.loads(run_nwc("info", out, "--json").stdout)
     encoded = [t for t in info["tensors"] if t["codec"] == codec]
     assert len(encoded) == 21
+    # the network's 27.6 KB is half a bit per weight of this tiny model: met only if the encoder budgets it
+    # over the 21 records that share it (planned from the headers), not over an assumed 64
     assert info["totals"]["encoded_bits_per_weight"] <= bits
     assert all("bytes" in t["details"] for t in encoded)
     assert "target 3.5" in run_nwc("info", out).stdout
@@ -38,8 +39,9 @@ def test_encode_info_verify_load(tmp_path, tiny_llama_dir, codec):
 
 def test_encode_defaults_and_errors(tmp_path, tiny_llama_dir):
     out = tmp_path / "n"
-    run_nwc("encode", tiny_llama_dir, "-o", out, "--codec", "neural", "-q", "--param", "net_share=21")
+    run_nwc("encode", tiny_llama_dir, "-o", out, "--codec", "neural", "-q")
     info = json.loads(run_nwc("info", out, "--json").stdout)
+    assert info["totals"]["encoded_bits_per_weight"] <= 4.0
     targets = {t["details"].get("bits_target") for t in info["tensors"] if t["codec"] == "neural"}
     assert targets == {4.0}  # --codec neural without --bits means 4
     bad = run_nwc("encode", tiny_llama_dir, "-o", tmp_path / "x", "--codec", "ecsq", "--bits", "0.2", check=False)

@@ -32,6 +32,9 @@ class EncodeContext:
     """Information an encoder may use beyond the tensor itself (later: calibration statistics)."""
 
     name: str = ""
+    # how many records of the output file this codec instance encodes (0: unknown); an encoder whose records
+    # share file-level segments (a neural decoder network) amortises their bytes over this many
+    shared_claims: int = 0
 
 
 class Codec(ABC):

@@ -5,9 +5,9 @@ column (rows padded with zeros to a multiple of 16); the shipped encoder network
 latents at the tensor's latent step, and the decoder network, stored once per file as shared segments and
 referenced by its hash, rebuilds the chunk (:mod:`nwcfmt.neural.arch`). Latent ``i`` is element ``i mod 16``
 of chunk ``i div 16``, chunks ordered row block by row block, column by column; tables are per latent channel
-(16) or one for all, whichever is smaller. The step is found by bisection so that the record's bytes, with a
-``1 / net_share`` share of the decoder network, meet ``bits`` per weight; the row scales are then refit by
-least squares against the decoded chunks.
+(16) or one for all, whichever is smaller. The step is found by bisection so that the record's bytes, with its
+share of the decoder network (split over the file's ``neural`` records), meet ``bits`` per weight; the row
+scales are then refit by least squares against the decoded chunks.
 """
 
 from __future__ import annotations
@@ -71,23 +71,29 @@ def unchunk(chunks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 @register_codec
 class NeuralCodec(LatentCodec):
     """Config: ``bits`` (target bits per weight, a real number; default 4) or ``step`` (the latent step,
-    skipping rate control), ``channels`` ("auto", 1 or 16 tables), ``net_share`` (tensors assumed to share
-    the file's decoder network when budgeting its bytes), ``refit`` (least-squares row scales),
-    ``lane_symbols``, ``scale_dtype``."""
+    skipping rate control), ``channels`` ("auto", 1 or 16 tables), ``net_share`` (over how many records
+    the file's decoder network is budgeted: "auto" takes the count ``encode_model`` plans, else 64),
+    ``refit`` (least-squares row scales), ``lane_symbols``, ``scale_dtype``."""
 
     codec_id = "neural"
     chunk = arch.CHUNK
 
-    def __init__(self, channels: str | int = "auto", net_share: int = DEFAULT_NET_SHARE, **config: Any) -> None:
+    def __init__(self, channels: str | int = "auto", net_share: str | int = "auto", **config: Any) -> None:
         super().__init__(**config)
         if channels not in CHANNEL_CHOICES:
             raise EncodeError("channels must be 'auto', 1 or 16")
-        if not isinstance(net_share, int) or isinstance(net_share, bool) or net_share < 1:
-            raise EncodeError("net_share must be a positive integer")
+        if net_share != "auto" and (not isinstance(net_share, int) or isinstance(net_share, bool) or net_share < 1):
+            raise EncodeError("net_share must be 'auto' or a positive integer")
         self.channels, self.net_share = channels, net_share
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "channels": self.channels, "net_share": self.net_share}
+
+    def claims(self, ctx: EncodeContext | None) -> int:
+        """Over how many records the file's one copy of the decoder network is budgeted."""
+        if self.net_share != "auto":
+            return int(self.net_share)
+        return ctx.shared_claims if ctx is not None and ctx.shared_claims > 0 else DEFAULT_NET_SHARE
 
     # ------------------------------------------------------------------------------------------ encode
     def encode(self, tensor: torch.Tensor, ctx: EncodeContext | None = None) -> EncodedTensor:
@@ -102,7 +108,7 @@ class NeuralCodec(LatentCodec):
         levels = torch.zeros(chunks.shape[0], dtype=torch.int64)
         n = rows * cols  # weights; the latents also cover the padding rows
         n_latents = chunks.numel()
-        net_share = net_bytes() / self.net_share  # this record's budgeted share of the file's decoder network
+        net_share = net_bytes() / self.claims(ctx)  # this record's budgeted share of the file's decoder network
         side = rows * SCALE_DTYPES[self.scale_dtype].itemsize + net_share
         channel_options = (1, arch.CHUNK) if self.channels == "auto" else (self.channels,)
 
