@@ -1,10 +1,16 @@
-"""NwcWriter: encode tensors one at a time into an NWC (safetensors) file, atomically."""
+"""NwcWriter: encode tensors one at a time into an NWC (safetensors) file, atomically.
+
+:func:`encoded_record` builds the manifest record the writer stores for an :class:`EncodedTensor`;
+:func:`check_encoded` and :func:`decode_encoded` check and decode one in memory exactly as a reader does once
+it is written to a file (no file is written).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +26,13 @@ from nwcfmt.constants import (
     SHARED_FORMAT_VERSION,
     SHARED_PREFIX,
     SHARED_SEGMENTS,
+    TORCH_TO_ST,
     dtype_name,
 )
 from nwcfmt.container.checksum import crc32
 from nwcfmt.container.manifest import Manifest, SegmentRef, TensorRecord
-from nwcfmt.container.safetensors_io import StreamingWriter, tensor_bytes
-from nwcfmt.errors import EncodeError
+from nwcfmt.container.safetensors_io import StreamingWriter, TensorInfo, tensor_bytes
+from nwcfmt.errors import EncodeError, FormatError
 
 
 def segment_tensor_name(name: str, segment: str) -> str:
@@ -65,6 +72,75 @@ def encode_tensor(
         codec = get_codec("raw")()
         encoded = codec.encode(tensor)
     return codec, encoded
+
+
+def encoded_record(
+    name: str, codec: Codec, encoded: EncodedTensor, shape: Sequence[int], dtype: torch.dtype
+) -> TensorRecord:
+    """The manifest record a file stores for ``encoded`` as tensor ``name`` (``shape``, ``dtype``): segments named
+    as the writer names them (shared ones by their key), each with the CRC-32 of its bytes."""
+    check_name(name)
+    try:
+        json.dumps(encoded.params, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise EncodeError(f"tensor {name!r}: codec params are not plain JSON ({exc})") from None
+    segments = {}
+    for seg_name, seg in encoded.segments.items():
+        key = encoded.shared.get(seg_name)
+        st_name = segment_tensor_name(name, seg_name) if key is None else f"{SHARED_PREFIX}{key}"
+        segments[seg_name] = SegmentRef(st_name, crc32(tensor_bytes(seg)))
+    return TensorRecord(
+        name=name,
+        codec=codec.codec_id,
+        codec_version=codec.version,
+        dtype=dtype_name(dtype),
+        shape=tuple(shape),
+        params=encoded.params,
+        segments=segments,
+    )
+
+
+def check_encoded(
+    name: str, codec: Codec, encoded: EncodedTensor, shape: Sequence[int], dtype: torch.dtype
+) -> TensorRecord:
+    """The checks a reader runs before it decodes ``encoded`` stored as tensor ``name`` (``shape``, ``dtype``):
+    the codec's ``validate`` on its segments' header entries, then ``check`` on their contents (CPU).
+
+    Returns the record (params as they read back from the file's JSON). Raises what the codec raises
+    (:class:`FormatError`), or :class:`EncodeError` for what no file can hold.
+    """
+    return _checked(name, codec, encoded, shape, dtype)[0]
+
+
+def decode_encoded(
+    name: str, codec: Codec, encoded: EncodedTensor, shape: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """Decode ``encoded`` in memory on the CPU, as a reader decodes it once written as tensor ``name`` of
+    ``shape`` and ``dtype`` (after :func:`check_encoded`'s checks). The codec's own class decodes it."""
+    record, segments = _checked(name, codec, encoded, shape, dtype)
+    tensor = type(codec).decode(record, segments, torch.device("cpu"))
+    if tensor.dtype != dtype or tuple(tensor.shape) != record.shape:
+        raise FormatError(f"tensor {name!r} decoded to {tensor.dtype}{list(tensor.shape)}, not {dtype}{list(shape)}")
+    return tensor
+
+
+def _checked(
+    name: str, codec: Codec, encoded: EncodedTensor, shape: Sequence[int], dtype: torch.dtype
+) -> tuple[TensorRecord, dict[str, torch.Tensor]]:
+    """The record and CPU segments of ``encoded`` as a reader sees them, after the codec's ``validate`` and
+    ``check``."""
+    record = encoded_record(name, codec, encoded, shape, dtype)
+    record = replace(record, params=json.loads(json.dumps(record.params)))  # as the manifest's JSON gives them
+    segments = {k: v.detach().cpu().contiguous() for k, v in encoded.segments.items()}
+    infos = {}
+    for seg_name, seg in segments.items():
+        if seg.dtype not in TORCH_TO_ST:
+            raise EncodeError(f"tensor {name!r}: segment {seg_name!r} has dtype {seg.dtype}, which no file can hold")
+        st_name, nbytes = record.segments[seg_name].tensor, seg.numel() * seg.element_size()
+        infos[seg_name] = TensorInfo(st_name, TORCH_TO_ST[seg.dtype], tuple(seg.shape), 0, nbytes)
+    type(codec).validate(record, infos)
+    type(codec).check(record, segments)
+    return record, segments
 
 
 def producer_info() -> dict[str, str]:
@@ -118,46 +194,28 @@ class NwcWriter:
 
     def append(self, name: str, tensor: torch.Tensor, codec: Codec, encoded: EncodedTensor) -> TensorRecord:
         """Append an already encoded tensor (see :func:`encode_tensor`)."""
-        check_name(name)
-        try:
-            json.dumps(encoded.params, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise EncodeError(f"tensor {name!r}: codec params are not plain JSON ({exc})") from None
-        segments = {}
+        record = encoded_record(name, codec, encoded, tensor.shape, tensor.dtype)
         for seg_name, seg in encoded.segments.items():
-            key = encoded.shared.get(seg_name)
-            if key is not None:
-                segments[seg_name] = self._shared_ref(key, seg)
-                continue
-            st_name = segment_tensor_name(name, seg_name)
-            self._stream.add(st_name, seg)
-            segments[seg_name] = SegmentRef(st_name, crc32(tensor_bytes(seg)))
-        record = TensorRecord(
-            name=name,
-            codec=codec.codec_id,
-            codec_version=codec.version,
-            dtype=dtype_name(tensor.dtype),
-            shape=tuple(tensor.shape),
-            params=encoded.params,
-            segments=segments,
-        )
+            ref = record.segments[seg_name]
+            if seg_name in encoded.shared:
+                self._add_shared(ref, seg)
+            else:
+                self._stream.add(ref.tensor, seg)
         self.manifest.tensors.append(record)
         return record
 
-    def _shared_ref(self, key: str, seg: torch.Tensor) -> SegmentRef:
+    def _add_shared(self, ref: SegmentRef, seg: torch.Tensor) -> None:
         """Write a shared segment once per file (format 1.1, required feature ``shared_segments``)."""
-        st_name = f"{SHARED_PREFIX}{key}"
-        ref = self._shared.get(st_name)
-        crc = crc32(tensor_bytes(seg))
-        if ref is None:
-            self._stream.add(st_name, seg)
-            ref = self._shared[st_name] = SegmentRef(st_name, crc)
+        written = self._shared.get(ref.tensor)
+        if written is None:
+            self._stream.add(ref.tensor, seg)
+            self._shared[ref.tensor] = ref
             if SHARED_SEGMENTS not in self.manifest.required_features:
                 self.manifest.required_features.append(SHARED_SEGMENTS)
                 self.manifest.format_version = max(self.manifest.format_version, SHARED_FORMAT_VERSION)
-        elif ref.crc32 != crc:
+        elif written.crc32 != ref.crc32:
+            key = ref.tensor.removeprefix(SHARED_PREFIX)
             raise EncodeError(f"shared segment {key!r} was written with other contents")
-        return ref
 
     def close(self, path: str | os.PathLike | None = None) -> Path:
         """Finish the file: write header and manifest, rename into place (at ``path`` if given)."""
