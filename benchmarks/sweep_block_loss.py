@@ -28,7 +28,7 @@ from nwcfmt.calibration import get_method
 from nwcfmt.calibration.blocks import block_linears, capture_inputs, find_layout, run_block
 from nwcfmt.calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_batches
 from nwcfmt.calibration.hessian import HessianCollector
-from nwcfmt.calibration.method import BlockData, dequantize_result
+from nwcfmt.calibration.method import BlockData
 from nwcfmt.cli.main import parse_params
 from nwcfmt.codecs.learned_rounding import block_mse, guard_batches, split_batches
 
@@ -67,10 +67,7 @@ def run_on_block(block, index: int, inputs, kwargs, runs, args) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(index)
             results = method.quantize_block(block, linears, block_data)
-        weights = {
-            n: dequantize_result(r, method.codec.layout(linears[n].weight)).reshape(linears[n].weight.shape)
-            for n, r in results.items()
-        }
+        weights = {n: r.weight.reshape(linears[n].weight.shape) for n, r in results.items()}
         seconds = time.perf_counter() - start
         loss = block_mse(block, weight_params(block, weights), check)
         baseline = loss if baseline is None else baseline

@@ -1,14 +1,17 @@
 """The calibration pipeline: batches, Hessians, block inputs, resume, CLI routing, unsupported architectures.
 
 Calibrated encoders are exercised through the contract with a small RTN encoder defined here (registered only
-inside the tests), so the pipeline's plumbing is checked against ``nwc encode --codec rtn`` bit for bit.
+inside the tests), so the pipeline's plumbing is checked against ``nwc encode --codec rtn`` bit for bit, and
+with an encoder of the entropy-coded ``ecsq`` layout, to show that the pipeline takes any codec's records.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,9 +22,21 @@ from nwcfmt.calibration.blocks import find_layout
 from nwcfmt.calibration.data import calibration_batches
 from nwcfmt.calibration.hessian import HessianCollector, damped_inverse_cholesky, importance
 from nwcfmt.calibration.method import BlockData, LinearResult
-from nwcfmt.calibration.pipeline import CalibOptions, CalibrationStopped, encode_calibrated, resume_dir
-from nwcfmt.cli.main import cli
+from nwcfmt.calibration.pipeline import (
+    STATE_FILE,
+    CalibOptions,
+    CalibrationStopped,
+    ResumeState,
+    _Target,
+    check_results,
+    encode_calibrated,
+    resume_dir,
+)
+from nwcfmt.cli.main import EXIT_INTERRUPTED, cli
+from nwcfmt.codecs.base import EncodedTensor
+from nwcfmt.codecs.ecsq import EcsqCodec
 from nwcfmt.codecs.rtn import RtnCodec
+from nwcfmt.container.writer import decode_encoded, encode_tensor, encoded_nbytes
 from nwcfmt.convert import encode_model
 from nwcfmt.errors import EncodeError, InputError, UnsupportedError
 from nwcfmt.policy import Policy
@@ -47,7 +62,7 @@ class RtnThroughContract:
         for name, linear in linears.items():
             layout = self.codec.layout(linear.weight)
             codes, scale, zero = self.codec.quantize(linear.weight.detach().reshape(layout.rows, layout.cols), layout)
-            out[name] = LinearResult(codes, scale, zero, {"rows": float(data.tokens)})
+            out[name] = self.codec.result(codes, scale, zero, layout, {"rows": float(data.tokens)})
         return out
 
 
@@ -229,17 +244,105 @@ def test_interrupted_encode_resumes_bit_for_bit(reference, llama_dir, calib, tmp
     assert not state.exists()
 
 
-class WrongCodes(RtnThroughContract):
+class WrongWeight(RtnThroughContract):
     def quantize_block(self, block, linears, data):
         results = super().quantize_block(block, linears, data)
-        results["self_attn.q_proj"].codes = results["self_attn.q_proj"].codes.to(torch.int32)
+        results["self_attn.q_proj"].weight = results["self_attn.q_proj"].weight.to(torch.bfloat16)
         return results
 
 
 def test_bad_encoder_results_are_refused(llama_dir, calib, tmp_path):
-    with pytest.raises(EncodeError, match=r"model.layers.0.self_attn.q_proj.weight \(rtn\): codes must be uint8"):
-        encode_calibrated(llama_dir, tmp_path / "out", WrongCodes(RtnCodec(bits=4)), calib=calib)
+    with pytest.raises(EncodeError, match=r"model.layers.0.self_attn.q_proj.weight \(rtn\): weight must be float32"):
+        encode_calibrated(llama_dir, tmp_path / "out", WrongWeight(RtnCodec(bits=4)), calib=calib)
     assert not resume_dir(tmp_path / "out").exists()  # nothing finished: no state left behind
+
+
+def _drop(segment: str):
+    def edit(r: LinearResult) -> LinearResult:
+        segments = {k: v for k, v in r.encoded.segments.items() if k != segment}
+        return replace(r, encoded=EncodedTensor(segments, r.encoded.params))
+
+    return edit
+
+
+def _segment(segment: str, value: torch.Tensor):
+    return lambda r: replace(r, encoded=EncodedTensor({**r.encoded.segments, segment: value}, r.encoded.params))
+
+
+BAD_RESULTS = {
+    "missing": (lambda r: None, "returned no result for q"),
+    "not a result": (lambda r: (r.encoded, r.weight), "must be a LinearResult holding an EncodedTensor"),
+    "weight shape": (lambda r: replace(r, weight=r.weight[:4]), r"weight must be float32 \[8, 64\], not torch.float32"),
+    "weight nan": (lambda r: replace(r, weight=r.weight.clone().fill_(float("nan"))), "weight holds inf or NaN"),
+    "segment missing": (_drop("zero"), r"record is refused: tensor 'layers.0.q.weight': rtn expects segments"),
+    "segment shape": (_segment("scale", torch.ones(8, 1, dtype=torch.float16)), "segment 'scale' is F16"),
+    "scale content": (_segment("scale", torch.zeros(8, 2, dtype=torch.float16)), "scales must be positive"),
+    "params": (lambda r: replace(r, encoded=replace(r.encoded, params={**r.encoded.params, "bits": 3})), "packed"),
+    "not JSON": (lambda r: replace(r, encoded=replace(r.encoded, params={"x": float("nan")})), "not plain JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RESULTS))
+def test_check_results_refuses_what_the_codec_would_refuse(case):
+    """Layout-free checks on the weight; the record is checked by the codec's own validate/check."""
+    codec = RtnCodec(bits=4, group_size=32)
+    target = _Target(0, "q", torch.nn.Linear(64, 8, bias=False), "layers.0.q.weight", torch.bfloat16)
+    weight = target.linear.weight.detach()
+    layout = codec.layout(weight)
+    good = codec.result(*codec.quantize(weight, layout), layout)
+    quantizer = SimpleNamespace(codec=codec)
+    check_results({"q": good}, [target], quantizer)
+    edit, message = BAD_RESULTS[case]
+    bad = edit(good)
+    with pytest.raises(EncodeError, match=message):
+        check_results({} if bad is None else {"q": bad}, [target], quantizer)
+
+
+def test_group_quant_result_refuses_codes_outside_the_layout():
+    codec = RtnCodec(bits=3, group_size=32)
+    weight = torch.randn(8, 64)
+    layout = codec.layout(weight)
+    codes, scale, zero = codec.quantize(weight, layout)
+    with pytest.raises(EncodeError, match=r"codes must be uint8 \[8, 64\]"):
+        codec.result(codes.to(torch.int32), scale, zero, layout)
+    with pytest.raises(EncodeError, match="codes above the 3-bit range"):
+        codec.result(codes | 8, scale, zero, layout)
+    with pytest.raises(EncodeError, match="zero must be given"):
+        codec.result(codes, scale, None, layout)
+    result = codec.result(codes, scale, zero, layout, {"loss": 1.0})
+    assert torch.equal(result.weight, decode_encoded("w", codec, result.encoded, (8, 64), torch.float32))
+    assert result.stats == {"loss": 1.0}
+
+
+def test_resume_state_keeps_any_record(tmp_path):
+    """Segments of any dtype (views of one buffer, empty ones), their order, params, shared mapping, stats."""
+    base = torch.arange(8, dtype=torch.float32)
+    segments = {
+        "data": torch.arange(6).to(torch.uint16).reshape(2, 3),
+        "x": base[:4],
+        "y": base[4:],
+        "empty": torch.empty(0, dtype=torch.uint8),
+        "net.w": torch.ones(3, dtype=torch.bfloat16),
+    }
+    encoded = EncodedTensor(segments, {"bits": 2.5, "list": [1, True, None], "name": "x"}, {"net.w": "arch.abc.w"})
+    state = ResumeState(tmp_path / "state", {"a": 1}, resume=True)
+    state.save(0, {"mlp.up_proj": LinearResult(encoded, torch.zeros(2, 3), {"loss": 0.25})})
+    assert state.finished() == 1
+    ((loaded, stats),) = state.load_encoded(0).values()
+    assert list(loaded.segments) == list(segments)
+    for name, value in segments.items():
+        assert loaded.segments[name].dtype == value.dtype and torch.equal(loaded.segments[name], value)
+    assert loaded.params == encoded.params and loaded.shared == encoded.shared and stats == {"loss": 0.25}
+
+
+def test_resume_state_of_an_older_version_is_refused(tmp_path):
+    folder = tmp_path / "state"
+    folder.mkdir()
+    (folder / STATE_FILE).write_text(json.dumps({"version": 1, "fingerprint": {"a": 1}}))
+    with pytest.raises(InputError, match=r"other settings \(version differ\); pass --no-resume"):
+        ResumeState(folder, {"a": 1}, resume=True)
+    ResumeState(folder, {"a": 1}, resume=False)  # --no-resume starts over
+    assert json.loads((folder / STATE_FILE).read_text())["version"] == 2
 
 
 def test_no_resume_discards_state(llama_dir, calib, tmp_path):
@@ -420,3 +523,81 @@ def test_calibrated_codecs_encode_verify_and_load_with_from_pretrained(llama_dir
     # the decoded weight is on a 3-bit grid per group of 32: at most 8 levels in each group of a row
     weight = ref_state["model.layers.0.mlp.down_proj.weight"].float()
     assert max(len(torch.unique(group)) for row in weight[:8] for group in row.split(GROUP)) <= 8
+
+
+# ------------------------------------------------------------------- a codec with another layout
+
+
+class EcsqThroughContract:
+    """A calibrated encoder of the entropy-coded ``ecsq`` layout (ignores the data): each Linear as
+    ``encode_tensor`` stores it, its weight decoded from that record in memory."""
+
+    needs_targets = False
+
+    def __init__(self, codec: EcsqCodec) -> None:
+        self.codec = codec
+        self.seen: list[BlockData] = []
+        self.weights: dict[str, torch.Tensor] = {}  # checkpoint name -> the weight handed to the pipeline
+
+    def quantize_block(self, block, linears, data: BlockData) -> dict[str, LinearResult]:
+        self.seen.append(data)
+        out = {}
+        for name, linear in linears.items():
+            weight = linear.weight.detach()
+            codec, encoded = encode_tensor(name, weight, self.codec)
+            decoded = decode_encoded(name, codec, encoded, tuple(weight.shape), torch.float32)
+            self.weights[f"model.layers.{data.index}.{name}.weight"] = decoded
+            out[name] = LinearResult(encoded, decoded, {"bits": 8 * encoded_nbytes(encoded) / weight.numel()})
+        return out
+
+
+@pytest.fixture
+def ecsq_method():
+    """``ecsq`` routed through the pipeline with :class:`EcsqThroughContract` (the quantizers made are listed)."""
+    made: list[EcsqThroughContract] = []
+
+    def factory(config):
+        made.append(EcsqThroughContract(EcsqCodec(**config)))
+        return made[-1]
+
+    register_method("ecsq", factory)
+    yield made
+    unregister_method("ecsq")
+
+
+def test_ecsq_calibrates_through_the_pipeline(ecsq_method, llama_dir, calib, text, tmp_path, monkeypatch):
+    """The pipeline takes another codec's records: the output decodes to exactly the weights it loaded (the
+    next blocks' inputs are the decoded model's hidden states), and a resumed run writes the same bytes."""
+    import nwcfmt
+    from nwcfmt.eval.loading import load_for_eval
+
+    out, quantizer = tmp_path / "out", EcsqThroughContract(EcsqCodec(bits=3))
+    report = encode_calibrated(llama_dir, out, quantizer, calib=calib)
+    assert report.codecs == {"ecsq": 21, "raw": 8}
+    stored = nwcfmt.load(out / "model.safetensors")
+    assert len(quantizer.weights) == 21
+    for name, weight in quantizer.weights.items():
+        assert torch.equal(stored[name], weight.to(torch.bfloat16)), name
+    loaded = load_for_eval(out)
+    batches = calibration_batches(loaded.tokenizer, text, **OPTIONS)
+    with torch.no_grad():
+        for b, batch in enumerate(batches):
+            hidden = loaded.model(input_ids=batch, output_hidden_states=True, use_cache=False).hidden_states
+            for data in quantizer.seen:
+                torch.testing.assert_close(data.inputs[b], hidden[data.index], rtol=1e-5, atol=1e-5)
+
+    calib_file = tmp_path / "calib.txt"
+    calib_file.write_text(text)
+    cli_out, decoded = tmp_path / "cli-out", tmp_path / "decoded"
+    args = ["encode", llama_dir, "-o", cli_out, "--codec", "ecsq", "--bits", 3, "--calib", calib_file]
+    args += ["--calib-samples", 8, "--calib-seqlen", 32]
+    monkeypatch.setenv("NWC_CALIB_STOP_AFTER", "1")
+    assert _nwc(*args).exit_code == EXIT_INTERRUPTED
+    monkeypatch.delenv("NWC_CALIB_STOP_AFTER")
+    resumed = _nwc(*args)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "block 1/3 reloaded" in resumed.stderr and [len(q.seen) for q in ecsq_method] == [1, 2]
+    assert (cli_out / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert _nwc("decode", cli_out, "-o", decoded, "-q").exit_code == 0
+    plain = nwcfmt.load(decoded / "model.safetensors")
+    assert all(torch.equal(plain[name], weight.to(torch.bfloat16)) for name, weight in quantizer.weights.items())

@@ -6,9 +6,18 @@ import pytest
 import torch
 
 import nwcfmt
-from nwcfmt.calibration.method import BlockData, LinearResult, dequantize_result
-from nwcfmt.codecs.gptq import GptqCodec, gptq_method, gptq_quantize, group_losses, init_grid, layer_loss, rtn_codes
-from nwcfmt.codecs.quant import QuantLayout
+from nwcfmt.calibration.method import BlockData
+from nwcfmt.codecs.gptq import (
+    GptqCodec,
+    GptqSolution,
+    gptq_method,
+    gptq_quantize,
+    group_losses,
+    init_grid,
+    layer_loss,
+    rtn_codes,
+)
+from nwcfmt.codecs.quant import QuantLayout, dequantize
 from nwcfmt.codecs.rtn import RtnCodec
 from nwcfmt.errors import EncodeError
 
@@ -59,16 +68,21 @@ def layers() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {name: (block.get_submodule(name).weight.detach().clone(), (2 * sums[name] / n).float()) for name in LINEARS}
 
 
-def loss_of(result, weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym=False) -> float:
+def decoded(solution: GptqSolution, layout: QuantLayout) -> torch.Tensor:
+    """``(codes - zero) * scale``: what a decoder rebuilds from the solution once packed."""
+    return dequantize(solution.codes, solution.scale, solution.zero, layout)
+
+
+def loss_of(solution, weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym=False) -> float:
     layout = QuantLayout.of(tuple(weight.shape), bits, group_size, sym)
-    return layer_loss(weight, dequantize_result(result, layout), hessian.double())
+    return layer_loss(weight, decoded(solution, layout), hessian.double())
 
 
 def rtn_loss(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, **config) -> float:
     """The layer-wise loss of the ``rtn`` codec's own codes and grid."""
     codec = RtnCodec(bits=bits, group_size=group_size, **config)
     codes, scale, zero = codec.quantize(weight, codec.layout(weight))
-    return loss_of(LinearResult(codes, scale, zero), weight, hessian, bits, group_size)
+    return loss_of(GptqSolution(codes, scale, zero, {}), weight, hessian, bits, group_size)
 
 
 @pytest.mark.parametrize("bits,group_size", CASES)
@@ -144,11 +158,13 @@ def test_file_round_trip_decodes_exactly_the_result(layers, tmp_path, entropy):
     weight, hessian = layers["self_attn.q_proj"]
     codec = GptqCodec(bits=3, group_size=128, act_order=True, entropy=entropy)
     result = codec.quantize_with_hessian(weight, hessian)
-    layout = codec.layout(weight)
+    solution = gptq_quantize(weight, hessian, bits=3, group_size=128, act_order=True)
+    assert torch.equal(result.weight, decoded(solution, codec.layout(weight)))
+    assert result.stats == solution.stats
     path = tmp_path / "q.safetensors"
     with nwcfmt.NwcWriter(path) as writer:
-        writer.append("w", weight, codec, codec.pack(result.codes, result.scale, result.zero, layout))
-    assert torch.equal(nwcfmt.load(path)["w"], dequantize_result(result, layout))
+        writer.append("w", weight, codec, result.encoded)
+    assert torch.equal(nwcfmt.load(path)["w"], result.weight)
     with nwcfmt.open(path) as reader:
         record = reader.record("w")
         assert record.codec == "gptq" and record.codec_version == 1
@@ -164,7 +180,7 @@ def test_dead_inputs_are_zeroed_and_ignored(layers):
     h[:, dead] = 0
     for group_size in (128, 0):
         result = gptq_quantize(weight, h, bits=4, group_size=group_size, act_order=True)
-        w_hat = dequantize_result(result, QuantLayout.of(tuple(weight.shape), 4, group_size, False))
+        w_hat = decoded(result, QuantLayout.of(tuple(weight.shape), 4, group_size, False))
         assert bool(torch.isfinite(w_hat).all())
         assert bool((w_hat[:, dead] == 0).all())  # a dead input's weight is quantized as 0
         assert result.stats["loss"] < 0.7 * result.stats["loss_rtn"]
@@ -194,4 +210,10 @@ def test_block_quantizer_runs_every_linear_from_its_hessian(layers):
     for name, (weight, hessian) in layers.items():
         assert torch.equal(linears[name].weight, weight)  # left as found
         expected = gptq_quantize(weight, hessian, bits=4, group_size=128)
-        assert torch.equal(results[name].codes, expected.codes) and torch.equal(results[name].scale, expected.scale)
+        packed = method.codec.pack(expected.codes, expected.scale, expected.zero, method.codec.layout(weight))
+        segments = results[name].encoded.segments
+        assert list(segments) == list(packed.segments)
+        assert all(torch.equal(segments[k], v) for k, v in packed.segments.items())
+        assert results[name].encoded.params == packed.params
+        assert torch.equal(results[name].weight, decoded(expected, method.codec.layout(weight)))
+        assert results[name].stats == expected.stats

@@ -7,11 +7,12 @@ import torch
 
 import nwcfmt
 from nwcfmt import data as nwc_data
-from nwcfmt.calibration.method import BlockData, LinearResult, dequantize_result
+from nwcfmt.calibration.method import BlockData, LinearResult
 from nwcfmt.codecs.flexround import FlexRoundCodec, FlexRoundRounding, flexround_method
 from nwcfmt.codecs.learned_rounding import block_output, trainable_params
 from nwcfmt.codecs.lrq import LrqCodec, lrq_method
 from nwcfmt.codecs.rtn import RtnCodec
+from nwcfmt.container.writer import decode_encoded
 from nwcfmt.errors import EncodeError
 
 BLOCK, N_SEQ, SEQ_LEN, ITERS = 3, 2, 128, 12
@@ -76,12 +77,16 @@ def trained(block_data) -> dict:
     return out
 
 
-def _block_loss(block_data, results: dict[str, LinearResult], codec) -> float:
+def _same_segments(a, b) -> bool:
+    return list(a.segments) == list(b.segments) and all(torch.equal(a.segments[k], b.segments[k]) for k in a.segments)
+
+
+def _block_loss(block_data, results: dict[str, LinearResult]) -> float:
     """Block output MSE with the decoded weights (what the pipeline loads)."""
-    block, linears, data = block_data
+    block, _, data = block_data
     params = {n: p.detach() for n, p in block.named_parameters()}
     for name, res in results.items():
-        params[f"{name}.weight"] = dequantize_result(res, codec.layout(linears[name].weight))
+        params[f"{name}.weight"] = res.weight
     kwargs = {**data.kwargs, "use_cache": False}
     with torch.no_grad():
         out = block_output(block, params, data.inputs[0], kwargs)
@@ -91,11 +96,11 @@ def _block_loss(block_data, results: dict[str, LinearResult], codec) -> float:
 @pytest.mark.parametrize("method", ["flexround", "lrq"])
 @pytest.mark.parametrize(("bits", "group_size"), CONFIGS)
 def test_training_beats_rtn_init_and_decodes_to_the_trained_loss(block_data, trained, method, bits, group_size):
-    meth, results = trained[method, bits, group_size]
+    _, results = trained[method, bits, group_size]
     stats = next(iter(results.values())).stats
     assert stats["fallback"] == 0.0
     assert stats["block_loss"] < 0.9 * stats["block_loss_rtn"], stats
-    assert _block_loss(block_data, results, meth.codec) == pytest.approx(stats["block_loss"], rel=1e-5)
+    assert _block_loss(block_data, results) == pytest.approx(stats["block_loss"], rel=1e-5)
 
 
 def test_iteration_zero_is_rtn(block_data):
@@ -103,10 +108,7 @@ def test_iteration_zero_is_rtn(block_data):
     results = flexround_method(_config(3, 0, iters=0)).quantize_block(block, linears, data)
     rtn = RtnCodec(bits=3, group_size=0, clip_search=True)
     for name, lin in linears.items():
-        w = lin.weight.detach()
-        codes, scale, zero = rtn.quantize(w, rtn.layout(w))
-        assert torch.equal(results[name].codes, codes) and torch.equal(results[name].scale, scale)
-        assert torch.equal(results[name].zero, zero)
+        assert _same_segments(results[name].encoded, rtn.encode(lin.weight.detach()))
 
 
 @pytest.mark.parametrize(
@@ -121,10 +123,12 @@ def test_result_decodes_exactly_to_the_trained_weight(block_data, bits, group_si
         rounding.log_s1.add_(0.05)
     w_hat = rounding()[0].detach()
     result = rounding.result()
-    assert (result.zero is None) == symmetric
-    assert torch.equal(dequantize_result(result, rounding.layout), w_hat)
+    assert ("zero" not in result.encoded.segments) == symmetric
+    assert torch.equal(result.weight, w_hat)
+    shape = tuple(rounding.weight.shape)
+    assert torch.equal(decode_encoded("w", codec, result.encoded, shape, torch.float32), w_hat)
     rtn = RtnCodec(bits=bits, group_size=group_size, symmetric=symmetric, clip_search=True)
-    assert not torch.equal(result.codes, rtn.quantize(rounding.weight, rounding.layout)[0])
+    assert not torch.equal(result.encoded.segments["data"], rtn.encode(rounding.weight).segments["data"])
 
 
 def test_pack_file_load_roundtrip(tmp_path, block_data, trained):
@@ -135,10 +139,9 @@ def test_pack_file_load_roundtrip(tmp_path, block_data, trained):
         for method in ("flexround", "lrq"):
             meth, results = trained[method, 3, 0]
             for name, res in results.items():
-                weight, layout = linears[name].weight.detach(), meth.codec.layout(linears[name].weight)
                 tensor_name = f"{method}.{name}.weight"
-                writer.append(tensor_name, weight, meth.codec, meth.codec.pack(res.codes, res.scale, res.zero, layout))
-                expected[tensor_name] = dequantize_result(res, layout)
+                writer.append(tensor_name, linears[name].weight.detach(), meth.codec, res.encoded)
+                expected[tensor_name] = res.weight
     loaded = nwcfmt.load(path)
     assert set(loaded) == set(expected)
     for name, value in expected.items():
@@ -189,12 +192,12 @@ def test_scale_lr_drives_only_the_grid_scale(block_data, trained):
     rtn = RtnCodec(bits=4, group_size=0, clip_search=True)
     codes_changed = scales_changed = 0
     for name, lin in linears.items():
-        layout = rtn.layout(lin.weight)
-        codes, scale, _ = rtn.quantize(lin.weight.detach().reshape(layout.rows, layout.cols), layout)
+        start = rtn.encode(lin.weight.detach()).segments
+        frozen, trained_segments = frozen_scale[name].encoded.segments, moved[name].encoded.segments
         assert frozen_scale[name].stats["fallback"] == 0.0
-        assert torch.equal(frozen_scale[name].scale.reshape(scale.shape), scale.to(torch.float32))
-        codes_changed += int(not torch.equal(frozen_scale[name].codes, codes))
-        scales_changed += int(not torch.equal(moved[name].scale.reshape(scale.shape), scale.to(torch.float32)))
+        assert torch.equal(frozen["scale"], start["scale"])
+        codes_changed += int(not torch.equal(frozen["data"], start["data"]))
+        scales_changed += int(not torch.equal(trained_segments["scale"], start["scale"]))
     assert codes_changed == len(linears) and scales_changed == len(linears)
 
 

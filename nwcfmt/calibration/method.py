@@ -3,10 +3,13 @@
 The pipeline (:mod:`nwcfmt.calibration.pipeline`) runs the model one decoder block at a time. For each
 block it gathers a :class:`BlockData` (the block's inputs, computed by the already quantized earlier
 blocks; optionally the full-precision block's outputs; the Hessian of every Linear's input) and calls the
-encoder's :meth:`BlockQuantizer.quantize_block`. The encoder returns, per Linear, integer codes plus the
-grid (scale, zero) in the shared layout of :mod:`nwcfmt.codecs.quant`; the pipeline loads the dequantized
-weights into the block, so the next block's inputs come from the quantized model, and the codec packs the
-results into the file.
+encoder's :meth:`BlockQuantizer.quantize_block`. The encoder returns, per Linear, a :class:`LinearResult`:
+the record the file will store (in any codec's layout) and the weight a decoder rebuilds from it. The
+pipeline never looks inside the record: it checks it with the codec's own ``validate``/``check``, loads the
+weight into the block (so the next block's inputs come from the quantized model) and hands the record to
+the writer. Group-quant codecs build their results with :meth:`GroupQuantCodec.result
+<nwcfmt.codecs.quant.GroupQuantCodec.result>`; any codec can pair ``encode_tensor`` with
+:func:`~nwcfmt.container.writer.decode_encoded`.
 """
 
 from __future__ import annotations
@@ -16,22 +19,20 @@ from typing import Any, Protocol
 
 import torch
 
-from nwcfmt.codecs.quant import GroupQuantCodec, QuantLayout
-from nwcfmt.kernels.reference import expand_groups
+from nwcfmt.codecs.base import Codec, EncodedTensor
 
 
 @dataclass
 class LinearResult:
-    """One quantized Linear weight in the shared layout (``QuantLayout.of(weight.shape, bits, group_size, sym)``).
+    """One encoded Linear weight ``[rows, cols]``.
 
-    ``codes``: uint8 ``[rows, cols]``; ``scale``: fp32 ``[scale_rows, n_groups]`` exactly as it will be stored
-    (already rounded to the codec's ``scale_dtype``); ``zero``: ``[scale_rows, n_groups]`` integer-valued
-    (uint8 or float), or None when symmetric. Decoding is ``(codes - zero) * scale`` in fp32.
+    ``encoded``: exactly what the file stores for it (its codec's segments, params and ``shared`` mapping);
+    ``weight``: fp32 ``[rows, cols]``, what the codec's decoder rebuilds from ``encoded`` before rounding to
+    the checkpoint's dtype (the pipeline loads it, rounded, into the block).
     """
 
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
+    encoded: EncodedTensor
+    weight: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)  # e.g. layer-wise loss before/after, for logs
 
 
@@ -48,26 +49,15 @@ class BlockData:
 
 
 class BlockQuantizer(Protocol):
-    """A calibrated encoder. ``codec`` carries its config (bits, group_size, ...) and labels the stored tensors."""
+    """A calibrated encoder. ``codec`` carries its config (bits, group_size, ...), labels the stored tensors and
+    decodes them; the pipeline uses it only through the :class:`~nwcfmt.codecs.base.Codec` interface."""
 
-    codec: GroupQuantCodec
+    codec: Codec
     needs_targets: bool  # whether BlockData.targets must be computed (block-output reconstruction)
 
     def quantize_block(
         self, block: torch.nn.Module, linears: dict[str, torch.nn.Linear], data: BlockData
     ) -> dict[str, LinearResult]:
         """Quantize the given Linears of ``block`` (fp32, on the CPU). May run ``block`` forward/backward, but
-        must leave its weights as it found them: the pipeline loads the dequantized results itself."""
+        must leave its weights as it found them: the pipeline loads the results' weights itself."""
         ...
-
-
-def dequantize_result(result: LinearResult, layout: QuantLayout) -> torch.Tensor:
-    """The fp32 ``[rows, cols]`` weight a decoder rebuilds from ``result``: ``(codes - zero) * scale``."""
-    scale = result.scale.to(torch.float32).reshape(layout.scale_rows, layout.n_groups)
-    zero = torch.full_like(scale, layout.implicit_zero) if layout.symmetric else result.zero.to(torch.float32)
-    zero = zero.reshape(layout.scale_rows, layout.n_groups)
-    if layout.scale_rows < layout.rows:  # per tensor: one scale row for every row
-        scale, zero = scale.expand(layout.rows, 1), zero.expand(layout.rows, 1)
-    s = expand_groups(scale, layout.cols, layout.group_size)
-    z = expand_groups(zero, layout.cols, layout.group_size)
-    return (result.codes.to(torch.float32).reshape(layout.rows, layout.cols) - z) * s

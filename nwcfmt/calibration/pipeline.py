@@ -6,18 +6,26 @@
    (:mod:`nwcfmt.calibration.blocks`).
 3. For each block ``i``: one forward pass over the cached inputs collects the Hessian of every selected Linear
    (and the full-precision outputs when the encoder wants targets); ``quantize_block`` runs (with the torch
-   RNG seeded from ``seed + i``); its results are checked, saved for resuming, and their dequantized weights
-   (rounded to the checkpoint's dtype) replace the block's weights; a second pass through the quantized block
-   gives block ``i + 1``'s inputs. Only the cached activations (and targets) live beside the model.
+   RNG seeded from ``seed + i``); its results (:class:`~nwcfmt.calibration.method.LinearResult`: the encoded
+   record and the weight it decodes to) are checked, saved for resuming, and their weights (rounded to the
+   checkpoint's dtype) replace the block's weights; a second pass through the quantized block gives block
+   ``i + 1``'s inputs. Only the cached activations (and targets) live beside the model.
 4. The NWC folder is written by :func:`nwcfmt.convert.encode_model`: tensors in the checkpoint's order and
-   dtype, quantized Linears packed by the encoder's codec, everything else through the :class:`Policy`
-   (norms and embeddings raw).
+   dtype, calibrated Linears as the encoder's records, everything else through the :class:`Policy` (norms
+   and embeddings raw).
+
+The pipeline never knows a codec's stored layout: it uses the encoder's codec only through the
+:class:`~nwcfmt.codecs.base.Codec` interface (its id and config, and its ``validate``/``check``/``decode`` on
+the records, :func:`~nwcfmt.container.writer.check_encoded` and ``decode_encoded``), so any codec can be
+calibrated.
 
 Resuming: finished blocks are saved in ``<dst>.nwc-resume/`` with a fingerprint of the source files, the codec
-config and the calibration options. A rerun with the same fingerprint reloads them, recomputes the activations
-through them (forward passes only) and continues; it produces the same bits as an uninterrupted run. A
-different fingerprint is an error unless ``resume=False`` (``--no-resume``), which discards the old state.
-The state folder is deleted once the output is written.
+config and the calibration options; each result as its record's segments (safetensors tensors
+``{linear}.{segment}``) with its params, shared mapping and stats in the file's metadata. A rerun with the same
+fingerprint reloads them, rebuilds their weights by decoding the records, recomputes the activations through
+them (forward passes only) and continues; it produces the same bits as an uninterrupted run. A different
+fingerprint (or a state of an older version) is an error unless ``resume=False`` (``--no-resume``), which
+discards the old state. The state folder is deleted once the output is written.
 
 Blocks' Linears are selected through the policy: a Linear whose weight the policy gives to the encoder's codec
 is calibrated; others (``--exclude``, rules for other codecs) keep their full-precision weights during
@@ -52,9 +60,9 @@ from nwcfmt.calibration.blocks import (
 )
 from nwcfmt.calibration.data import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_batches
 from nwcfmt.calibration.hessian import HessianCollector
-from nwcfmt.calibration.method import BlockData, BlockQuantizer, LinearResult, dequantize_result
-from nwcfmt.codecs.quant import QuantLayout
-from nwcfmt.container.writer import encode_tensor
+from nwcfmt.calibration.method import BlockData, BlockQuantizer, LinearResult
+from nwcfmt.codecs.base import Codec, EncodedTensor
+from nwcfmt.container.writer import check_encoded, decode_encoded, encode_tensor
 from nwcfmt.convert import ConversionReport, Progress, encode_model
 from nwcfmt.errors import EncodeError, InputError, NwcError, UnsupportedError
 from nwcfmt.policy import Policy
@@ -62,7 +70,8 @@ from nwcfmt.sources import WeightSource, find_weight_files
 
 RESUME_SUFFIX = ".nwc-resume"
 STATE_FILE = "state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: results as encoded records (1: group-quant codes, scale, zero)
+RESULTS_KEY = "results"  # resume file metadata: per Linear, its segment names, params, shared mapping, stats
 STOP_ENV = "NWC_CALIB_STOP_AFTER"  # testing the resumable run: stop after this many blocks are finished
 
 
@@ -257,36 +266,62 @@ class ResumeState:
         return count
 
     def save(self, index: int, results: dict[str, LinearResult]) -> None:
+        """Store block ``index``'s results: each record's segments as tensors ``{linear}.{segment}`` (copies, so
+        no two share memory), their names in order, params, shared mapping and stats as JSON metadata."""
         from safetensors.torch import save_file
 
-        tensors, stats = {}, {}
+        tensors: dict[str, torch.Tensor] = {}
+        docs = {}
         for name, r in results.items():
-            tensors[f"{name}.codes"] = r.codes.contiguous()
-            tensors[f"{name}.scale"] = r.scale.to(torch.float32).contiguous()
-            if r.zero is not None:
-                tensors[f"{name}.zero"] = r.zero.contiguous()
-            stats[name] = r.stats
-        meta = {"stats": json.dumps(stats)}
+            for seg_name, seg in r.encoded.segments.items():
+                key = f"{name}.{seg_name}"
+                if key in tensors:
+                    raise EncodeError(f"{name}: segment {seg_name!r} collides with another in the resume state")
+                tensors[key] = seg.detach().cpu().clone(memory_format=torch.contiguous_format)
+            docs[name] = {
+                "segments": list(r.encoded.segments),
+                "params": r.encoded.params,
+                "shared": r.encoded.shared,
+                "stats": r.stats,
+            }
+        meta = {RESULTS_KEY: json.dumps(docs)}
         _atomic_write(self.path(index), lambda p: save_file(tensors, str(p), metadata=meta))
 
-    def load(self, index: int, names: list[str]) -> dict[str, LinearResult]:
+    def load_encoded(self, index: int) -> dict[str, tuple[EncodedTensor, dict[str, float]]]:
+        """Block ``index``'s records and stats, by Linear name within the block."""
         from safetensors import safe_open
 
         try:
             with safe_open(str(self.path(index)), "pt") as f:
-                stats = json.loads((f.metadata() or {}).get("stats", "{}"))
-                keys = set(f.keys())
+                docs = json.loads((f.metadata() or {})[RESULTS_KEY])
                 return {
-                    n: LinearResult(
-                        f.get_tensor(f"{n}.codes"),
-                        f.get_tensor(f"{n}.scale"),
-                        f.get_tensor(f"{n}.zero") if f"{n}.zero" in keys else None,
-                        stats.get(n, {}),
+                    name: (
+                        EncodedTensor(
+                            {seg: f.get_tensor(f"{name}.{seg}") for seg in doc["segments"]},
+                            doc["params"],
+                            doc["shared"],
+                        ),
+                        doc["stats"],
                     )
-                    for n in names
+                    for name, doc in docs.items()
                 }
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise InputError(f"{self.path(index)}: unreadable resume state ({exc}); pass --no-resume") from None
+
+    def load(self, index: int, targets: list[_Target], codec: Codec) -> dict[str, LinearResult]:
+        """Block ``index``'s results for ``targets``, each weight rebuilt by decoding its record (fp32)."""
+        saved = self.load_encoded(index)
+        results = {}
+        for t in targets:
+            if t.name not in saved:
+                raise InputError(f"{self.path(index)}: no result for {t.name} in the resume state; pass --no-resume")
+            encoded, stats = saved[t.name]
+            try:
+                weight = decode_encoded(t.tensor, codec, encoded, t.linear.weight.shape, torch.float32)
+            except NwcError as exc:
+                raise InputError(f"{self.path(index)}: {t.name} does not decode ({exc}); pass --no-resume") from None
+            results[t.name] = LinearResult(encoded, weight, stats)
+        return results
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -296,36 +331,33 @@ class ResumeState:
 
 
 def check_results(results: dict[str, LinearResult], targets: list[_Target], quantizer: BlockQuantizer) -> None:
-    """Every selected Linear has a result in the codec's layout; :class:`EncodeError` otherwise."""
+    """Every selected Linear has a result: a finite fp32 weight of the Linear's shape, and a record the codec
+    accepts (its ``validate`` and ``check``) for that tensor; :class:`EncodeError` otherwise."""
     codec = quantizer.codec
     missing = sorted({t.name for t in targets} - set(results))
     if missing:
         raise EncodeError(f"{codec.codec_id} returned no result for {', '.join(missing)}")
     for t in targets:
-        r, layout = results[t.name], codec.layout(t.linear.weight)
+        r, shape = results[t.name], tuple(t.linear.weight.shape)
         where = f"{t.tensor} ({codec.codec_id})"
-        grid = (layout.scale_rows, layout.n_groups)
-        if r.codes.dtype != torch.uint8 or tuple(r.codes.shape) != (layout.rows, layout.cols):
-            raise EncodeError(
-                f"{where}: codes must be uint8 {[layout.rows, layout.cols]}, not {r.codes.dtype} {list(r.codes.shape)}"
-            )
-        if int(r.codes.max()) >= 1 << layout.bits:
-            raise EncodeError(f"{where}: codes above the {layout.bits}-bit range")
-        if not r.scale.is_floating_point() or r.scale.numel() != grid[0] * grid[1]:
-            raise EncodeError(f"{where}: scale must be a float tensor of {grid[0]}x{grid[1]} values")
-        if not bool(torch.isfinite(r.scale).all()) or not bool((r.scale > 0).all()):
-            raise EncodeError(f"{where}: scales must be positive and finite")
-        if layout.symmetric != (r.zero is None):
-            raise EncodeError(f"{where}: zero must be {'None' if layout.symmetric else 'given'}")
-        if r.zero is not None and (r.zero.numel() != grid[0] * grid[1] or int(r.zero.max()) >= 1 << layout.bits):
-            raise EncodeError(f"{where}: zero must hold {grid[0]}x{grid[1]} values within the code range")
+        if not isinstance(r, LinearResult) or not isinstance(r.encoded, EncodedTensor):
+            raise EncodeError(f"{where}: the result must be a LinearResult holding an EncodedTensor")
+        w = r.weight
+        if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or tuple(w.shape) != shape:
+            found = f"{w.dtype} {list(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+            raise EncodeError(f"{where}: weight must be float32 {list(shape)}, not {found}")
+        if not bool(torch.isfinite(w).all()):
+            raise EncodeError(f"{where}: weight holds inf or NaN")
+        try:
+            check_encoded(t.tensor, codec, r.encoded, shape, t.dtype)
+        except NwcError as exc:
+            raise EncodeError(f"{where}: the encoded record is refused: {exc}") from None
 
 
-def _apply(results: dict[str, LinearResult], targets: list[_Target], quantizer: BlockQuantizer) -> None:
-    """Load the dequantized weights (rounded to the checkpoint's dtype, as a decoder returns them)."""
+def _apply(results: dict[str, LinearResult], targets: list[_Target]) -> None:
+    """Load the results' weights (rounded to the checkpoint's dtype, as a decoder returns them)."""
     for t in targets:
-        layout: QuantLayout = quantizer.codec.layout(t.linear.weight)
-        weight = dequantize_result(results[t.name], layout).reshape(t.linear.weight.shape)
+        weight = results[t.name].weight.reshape(t.linear.weight.shape)
         t.linear.weight.data.copy_(weight.to(t.dtype).to(t.linear.weight.dtype))
 
 
@@ -367,28 +399,29 @@ class _SavedResults:
     def __init__(self, state: ResumeState, targets: list[list[_Target]]) -> None:
         self.state = state
         self.where = {t.tensor: (t.block, t.name) for block in targets for t in block}
-        self.names = [[t.name for t in block] for block in targets]
-        self._block: tuple[int, dict[str, LinearResult]] = (-1, {})
+        self._block: tuple[int, dict[str, tuple[EncodedTensor, dict[str, float]]]] = (-1, {})
 
-    def get(self, tensor: str) -> LinearResult | None:
+    def get(self, tensor: str) -> EncodedTensor | None:
         if tensor not in self.where:
             return None
         index, name = self.where[tensor]
         if self._block[0] != index:
-            self._block = (index, self.state.load(index, self.names[index]))
-        return self._block[1][name]
+            self._block = (index, self.state.load_encoded(index))
+        if name not in self._block[1]:
+            raise InputError(f"{self.state.path(index)}: no result for {name} in the resume state; pass --no-resume")
+        return self._block[1][name][0]
 
 
 def _encoder(saved: _SavedResults, quantizer: BlockQuantizer, policy: Policy):
     codec = quantizer.codec
 
-    def encode(name: str, tensor: torch.Tensor):
-        result = saved.get(name)
-        if result is None:
+    def encode(name: str, tensor: torch.Tensor) -> tuple[Codec, EncodedTensor]:
+        encoded = saved.get(name)
+        if encoded is None:
             chosen = policy.choose(name, tensor)
             outside = chosen.codec_id == codec.codec_id  # not a block Linear: nothing to calibrate it with
             return encode_tensor(name, tensor, "raw" if outside else chosen)
-        return codec, codec.pack(result.codes, result.scale, result.zero, codec.layout(tensor))
+        return codec, encoded
 
     return encode
 
@@ -501,12 +534,12 @@ def _run_blocks(
         t0 = time.perf_counter()
         kwargs = captured.kwargs[i]
         if i < saved:
-            results = state.load(i, [t.name for t in targets[i]])
+            results = state.load(i, targets[i], quantizer.codec)
             check_results(results, targets[i], quantizer)
         else:
             results = _quantize(block, i, inputs, kwargs, targets[i], quantizer, seed) if targets[i] else {}
             state.save(i, results)
-        _apply(results, targets[i], quantizer)
+        _apply(results, targets[i])
         with torch.no_grad():
             inputs = [run_block(block, x, kwargs) for x in inputs]
         seconds = time.perf_counter() - t0

@@ -14,7 +14,9 @@ lowers the layer-wise loss ``tr((W - Ŵ) H (W - Ŵ)^T)`` in three stages (each m
    exactly per row, rounded to the stored dtype, polished by closed-form coordinate descent over stored
    values; a row keeps its previous scales unless the loss with the stored scales falls. Zeros stay.
 
-Decoding is the plain layout of ``spec/codecs/quant.md``; the algorithm and measurements: ``spec/codecs/gptq.md``.
+:func:`gptq_quantize` returns the choice (:class:`GptqSolution`); :meth:`GptqCodec.quantize_with_hessian` packs it
+into the pipeline's :class:`~nwcfmt.calibration.method.LinearResult`. Decoding is the plain layout of
+``spec/codecs/quant.md``; the algorithm and measurements: ``spec/codecs/gptq.md``.
 """
 
 from __future__ import annotations
@@ -292,6 +294,17 @@ def refine_grid(
 
 
 # ------------------------------------------------------------------------------------------------ entry point
+@dataclass
+class GptqSolution:
+    """GPTQ's choice for one weight, before packing: codes uint8 ``[rows, cols]``, stored scale fp32 and zero
+    uint8 ``[scale_rows, n_groups]`` (None when symmetric), and the losses of each stage."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    stats: dict[str, float]
+
+
 def _check_inputs(
     weight: torch.Tensor, hessian: torch.Tensor, layout: QuantLayout, block_size: int, percdamp: float
 ) -> None:
@@ -321,7 +334,7 @@ def gptq_quantize(
     grid_init: bool = True,
     grid_refine: bool = True,
     refine_iters: int = REFINE_ITERS,
-) -> LinearResult:
+) -> GptqSolution:
     """Quantize ``weight [rows, cols]`` against the Hessian ``[cols, cols]`` of its input (see the module doc).
 
     Stats: ``loss_ref`` (``tr(W H W^T)``), ``loss_rtn`` (round to nearest on the same grid), ``loss_gptq``
@@ -351,7 +364,7 @@ def gptq_quantize(
             grid, losses = refine_grid(w0, codes, grid, h_loss, layout, scale_dtype, refine_iters, losses)
         stats["loss"] = float(losses.sum())
         zero = None if layout.symmetric else grid.zero.to(torch.uint8)
-        return LinearResult(codes.to(torch.uint8), grid.scale, zero, stats)
+        return GptqSolution(codes.to(torch.uint8), grid.scale, zero, stats)
 
 
 # ------------------------------------------------------------------------------------------------ codec
@@ -395,8 +408,8 @@ class GptqCodec(GroupQuantCodec):
         raise EncodeError("gptq needs calibration data: encode a model folder with nwc encode --codec gptq")
 
     def quantize_with_hessian(self, weight: torch.Tensor, hessian: torch.Tensor) -> LinearResult:
-        """GPTQ of one ``[rows, cols]`` weight with this codec's config."""
-        return gptq_quantize(
+        """GPTQ of one ``[rows, cols]`` weight with this codec's config: the packed record and its decoded weight."""
+        solution = gptq_quantize(
             weight,
             hessian,
             bits=self.bits,
@@ -409,6 +422,7 @@ class GptqCodec(GroupQuantCodec):
             grid_init=self.grid_init,
             grid_refine=self.grid_refine,
         )
+        return self.result(solution.codes, solution.scale, solution.zero, self.layout(weight), solution.stats)
 
 
 @dataclass
@@ -440,6 +454,7 @@ register_method(GptqCodec.codec_id, gptq_method)
 __all__ = [
     "GptqCodec",
     "GptqMethod",
+    "GptqSolution",
     "gptq_method",
     "gptq_quantize",
 ]

@@ -96,6 +96,7 @@ class LearnedRounding(nn.Module):
 
     def __init__(self, weight: torch.Tensor, codec: LearnedRoundingCodec) -> None:
         super().__init__()
+        self.codec = codec
         self.layout = codec.layout(weight)
         self.bits, self.scale_dtype = codec.bits, codec.scale_dtype
         w = weight.detach().to(torch.float32).reshape(self.layout.rows, self.layout.cols)
@@ -135,11 +136,11 @@ class LearnedRounding(nn.Module):
         return s * (q - z), q, s1
 
     def result(self) -> LinearResult:
-        """The hard-rounded result in the shared layout; it decodes exactly to ``self()[0]``."""
+        """The hard-rounded result packed in the shared layout; its weight is exactly ``self()[0]``."""
         with torch.no_grad():
             _, q, s1 = self()
         zero = None if self.layout.symmetric else self.zero.to(torch.uint8)
-        return LinearResult(codes=q.to(torch.uint8), scale=s1.detach().clone(), zero=zero)
+        return self.codec.result(q.to(torch.uint8), s1.detach().clone(), zero, self.layout)
 
 
 def block_output(block: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, kwargs: dict[str, Any]):

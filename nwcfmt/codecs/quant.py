@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from nwcfmt.container.safetensors_io import TensorInfo
 from nwcfmt.errors import EncodeError, FormatError, LimitError
 from nwcfmt.kernels import reference
 from nwcfmt.parallel import parallel_map
+
+if TYPE_CHECKING:
+    from nwcfmt.calibration.method import LinearResult
 
 SCALE_SEGMENT, ZERO_SEGMENT, INDEX_SEGMENT = "scale", "zero", "index"
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -184,6 +187,28 @@ class GroupQuantCodec(Codec):
             segments[ZERO_SEGMENT] = zero.to(torch.uint8).reshape(layout.scale_rows, layout.n_groups)
         return EncodedTensor(segments, params)
 
+    def result(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None,
+        layout: QuantLayout,
+        stats: dict[str, float] | None = None,
+    ) -> LinearResult:
+        """A calibrated encoder's result (:mod:`nwcfmt.calibration.method`): the packed record (:meth:`pack`)
+        and the fp32 weight a decoder rebuilds from it, ``(codes - zero) * scale`` with the stored scale.
+
+        ``codes``: uint8 ``[rows, cols]``; ``scale``: ``[scale_rows, n_groups]`` values (rounded to
+        ``scale_dtype`` when stored); ``zero``: integer-valued ``[scale_rows, n_groups]``, None when symmetric.
+        """
+        from nwcfmt.calibration.method import LinearResult
+
+        check_codes(codes, scale, zero, layout)
+        encoded = self.pack(codes, scale, zero, layout)
+        stored_zero = None if layout.symmetric else encoded.segments[ZERO_SEGMENT]
+        weight = dequantize(codes, encoded.segments[SCALE_SEGMENT], stored_zero, layout)
+        return LinearResult(encoded, weight, dict(stats or {}))
+
     # ------------------------------------------------------------------------------------------ decode
     @classmethod
     def validate(cls, record: TensorRecord, segments: Mapping[str, TensorInfo]) -> None:
@@ -262,6 +287,35 @@ class GroupQuantCodec(Codec):
         zero = segments[ZERO_SEGMENT].to(device) if not layout.symmetric else layout.implicit_zero
         out = dequantize_packed(packed, scale, zero, layout.bits, layout.group_size, layout.cols, out_dtype)
         return out.reshape(record.shape)
+
+
+def check_codes(codes: torch.Tensor, scale: torch.Tensor, zero: OptTensor, layout: QuantLayout) -> None:
+    """Codes uint8 ``[rows, cols]`` within the code range, a float scale and (asymmetric only) a zero point within
+    the code range per group; :class:`EncodeError` otherwise (what :meth:`GroupQuantCodec.pack` relies on)."""
+    grid = layout.scale_rows * layout.n_groups
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != (layout.rows, layout.cols):
+        raise EncodeError(f"codes must be uint8 {[layout.rows, layout.cols]}, not {codes.dtype} {list(codes.shape)}")
+    if int(codes.max()) >= 1 << layout.bits:
+        raise EncodeError(f"codes above the {layout.bits}-bit range")
+    if not scale.is_floating_point() or scale.numel() != grid:
+        raise EncodeError(f"scale must be a float tensor of {layout.scale_rows}x{layout.n_groups} values")
+    if layout.symmetric != (zero is None):
+        raise EncodeError(f"zero must be {'None' if layout.symmetric else 'given'}")
+    if zero is not None and (zero.numel() != grid or int(zero.max()) >= 1 << layout.bits):
+        raise EncodeError(f"zero must hold {layout.scale_rows}x{layout.n_groups} values within the code range")
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: OptTensor, layout: QuantLayout) -> torch.Tensor:
+    """``(codes - zero) * scale`` in fp32, ``[rows, cols]``, as every decoder computes it (``zero`` None:
+    symmetric, the implicit zero); ``scale`` and ``zero`` hold ``[scale_rows, n_groups]`` values."""
+    scale = scale.to(torch.float32).reshape(layout.scale_rows, layout.n_groups)
+    zero = torch.full_like(scale, layout.implicit_zero) if zero is None else zero.to(torch.float32)
+    zero = zero.reshape(layout.scale_rows, layout.n_groups)
+    if layout.scale_rows < layout.rows:  # per tensor: one scale row for every row
+        scale, zero = scale.expand(layout.rows, 1), zero.expand(layout.rows, 1)
+    s = reference.expand_groups(scale, layout.cols, layout.group_size)
+    z = reference.expand_groups(zero, layout.cols, layout.group_size)
+    return (codes.to(torch.float32).reshape(layout.rows, layout.cols) - z) * s
 
 
 def _check_scale_and_zero(record: TensorRecord, segments: Mapping[str, torch.Tensor], layout: QuantLayout) -> None:
