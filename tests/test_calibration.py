@@ -42,6 +42,7 @@ from nwcfmt.errors import EncodeError, InputError, UnsupportedError
 from nwcfmt.policy import Policy
 
 TEST_METHOD = "test-calib-rtn"
+ECSQ_METHOD = "test-calib-ecsq"  # not "ecsq" itself: that id may get a calibrated method of its own
 BITS, GROUP = 4, 32
 OPTIONS = dict(samples=8, seqlen=32, batch_size=4)
 
@@ -553,16 +554,16 @@ class EcsqThroughContract:
 
 @pytest.fixture
 def ecsq_method():
-    """``ecsq`` routed through the pipeline with :class:`EcsqThroughContract` (the quantizers made are listed)."""
+    """A test method id for :class:`EcsqThroughContract` (``ecsq`` records); the quantizers made are listed."""
     made: list[EcsqThroughContract] = []
 
     def factory(config):
         made.append(EcsqThroughContract(EcsqCodec(**config)))
         return made[-1]
 
-    register_method("ecsq", factory)
+    register_method(ECSQ_METHOD, factory)
     yield made
-    unregister_method("ecsq")
+    unregister_method(ECSQ_METHOD)
 
 
 def test_ecsq_calibrates_through_the_pipeline(ecsq_method, llama_dir, calib, text, tmp_path, monkeypatch):
@@ -589,7 +590,7 @@ def test_ecsq_calibrates_through_the_pipeline(ecsq_method, llama_dir, calib, tex
     calib_file = tmp_path / "calib.txt"
     calib_file.write_text(text)
     cli_out, decoded = tmp_path / "cli-out", tmp_path / "decoded"
-    args = ["encode", llama_dir, "-o", cli_out, "--codec", "ecsq", "--bits", 3, "--calib", calib_file]
+    args = ["encode", llama_dir, "-o", cli_out, "--codec", ECSQ_METHOD, "--bits", 3, "--calib", calib_file]
     args += ["--calib-samples", 8, "--calib-seqlen", 32]
     monkeypatch.setenv("NWC_CALIB_STOP_AFTER", "1")
     assert _nwc(*args).exit_code == EXIT_INTERRUPTED
