@@ -144,6 +144,14 @@ def encode_folder(src: Path, dst: Path, codec: str, bits: float) -> float:
     from nwcfmt.policy import Policy
 
     name, extra = split_codec(codec)
+    if name.startswith("cal-"):  # calibrated (the pipeline's default calibration text and settings)
+        from nwcfmt.calibration import get_method
+        from nwcfmt.calibration.pipeline import encode_calibrated
+
+        quantizer = get_method(name.removeprefix("cal-"))({"bits": bits, **extra})
+        start = time.perf_counter()
+        encode_calibrated(src, dst, quantizer, overwrite=True)
+        return time.perf_counter() - start
     if name in LATENT_CODECS:
         policy = Policy(codec=name, params={"bits": bits, **extra})
     else:
@@ -174,7 +182,7 @@ def run_models(args, model: str) -> None:
         print(f"{model} fp32: {rec.metric} {rec.value:.4f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="nwc-bench-") as tmp:
         for codec in args.codecs:
-            latent = split_codec(codec)[0] in LATENT_CODECS
+            latent = split_codec(codec)[0].removeprefix("cal-") in LATENT_CODECS
             bits_list = args.bits if latent else sorted({int(b) for b in args.bits if b >= 2})
             for bits in bits_list:
                 key = f"{model}/{codec}/{bits}"

@@ -23,7 +23,12 @@ if TYPE_CHECKING:
 MethodFactory = Callable[[dict[str, Any]], "BlockQuantizer"]
 
 # Modules that register calibrated methods when imported; imported lazily, skipped when absent.
-BUILTIN_METHOD_MODULES = ("nwcfmt.codecs.gptq", "nwcfmt.codecs.flexround", "nwcfmt.codecs.lrq")
+BUILTIN_METHOD_MODULES = (
+    "nwcfmt.codecs.gptq",
+    "nwcfmt.codecs.flexround",
+    "nwcfmt.codecs.lrq",
+    "nwcfmt.encoders.calibrated_latent",  # ecsq, neural
+)
 
 _METHODS: dict[str, MethodFactory] = {}
 

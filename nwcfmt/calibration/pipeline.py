@@ -173,6 +173,28 @@ def _load_model(src: Path) -> tuple[torch.nn.Module, BlockLayout, Any]:
     return model, find_layout(model), tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def calibration_unavailable(src: Path) -> str | None:
+    """Why ``src`` cannot be calibrated (not a model folder, no tokenizer, an unsupported architecture), or
+    None when it can: lets codecs whose calibration is optional fall back to their data-free encoder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (src.is_dir() and (src / "config.json").is_file()):
+        return f"{src} is not a model folder with config.json"
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        return f"{src} has no tokenizer"
+    try:
+        config = AutoConfig.from_pretrained(src, local_files_only=True)
+        refuse_config(config)
+        with _quiet_transformers(), torch.device("meta"):
+            find_layout(AutoModelForCausalLM.from_config(config))
+    except (OSError, ValueError, KeyError, NwcError) as exc:
+        return f"{src} cannot be calibrated ({str(exc).splitlines()[0][:160]})"
+    return None
+
+
 def _checkpoint_name(name: str, source: WeightSource, model: torch.nn.Module) -> str:
     if name in source.locations:
         return name
@@ -369,6 +391,7 @@ def _quantize(
     targets: list[_Target],
     quantizer: BlockQuantizer,
     seed: int,
+    linears_total: int = 0,
 ) -> dict[str, LinearResult]:
     linears = {t.name: t.linear for t in targets}
     with torch.no_grad(), HessianCollector(linears) as collector:
@@ -380,6 +403,7 @@ def _quantize(
         targets=outputs if quantizer.needs_targets else None,
         hessians=collector.hessians(),
         tokens=collector.rows,
+        linears_total=linears_total,
     )
     del outputs
     with torch.random.fork_rng(devices=[]):
@@ -537,7 +561,8 @@ def _run_blocks(
             results = state.load(i, targets[i], quantizer.codec)
             check_results(results, targets[i], quantizer)
         else:
-            results = _quantize(block, i, inputs, kwargs, targets[i], quantizer, seed) if targets[i] else {}
+            n_total = sum(len(block_targets) for block_targets in targets)
+            results = _quantize(block, i, inputs, kwargs, targets[i], quantizer, seed, n_total) if targets[i] else {}
             state.save(i, results)
         _apply(results, targets[i])
         with torch.no_grad():

@@ -216,6 +216,8 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, overwr
     if factory is None and any(v not in (None, False) for v in calib.values()):
         raise InputError("--calib, --calib-samples, --calib-seqlen and --no-resume apply to calibrated codecs only")
     shard_bytes = parse_size(max_shard_size) if max_shard_size else None
+    if factory is not None and getattr(get_codec_class(codec), "calibration_optional", False):
+        factory = _optional_calibration(src, codec, codec_params, factory, quiet)
     if factory is not None:
         _encode_calibrated(
             src, dst, factory, codec, codec_params, policy_file, exclude, shard_bytes, overwrite, quiet, hub, **calib
@@ -237,6 +239,28 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, overwr
         )
     if not quiet:
         _encode_summary(report, dst)
+
+
+def get_codec_class(codec_id: str | None):
+    from nwcfmt.codecs.registry import get_codec
+
+    return get_codec(codec_id) if codec_id in available_codecs() else None
+
+
+def _optional_calibration(src, codec: str, codec_params: dict, factory, quiet: bool):
+    """The calibrated encoder of a codec that can also encode data-free (ecsq, neural), or None when
+    ``calibrate=false`` or when the local source cannot be calibrated (said on stderr)."""
+    from nwcfmt.calibration.pipeline import calibration_unavailable
+
+    if codec_params.get("calibrate") is False:
+        return None
+    reason = calibration_unavailable(Path(src)) if Path(src).exists() else None
+    if reason is None:
+        return factory
+    if not quiet:
+        click.echo(f"nwc: {reason}: encoding {codec} data-free (calibrate=false)", err=True)
+    codec_params["calibrate"] = False
+    return None
 
 
 def _encode_summary(report, dst: Path) -> None:

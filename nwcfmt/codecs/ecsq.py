@@ -8,6 +8,7 @@ in fp32, rounded once to the tensor's dtype, on any device (spec/codecs/latent.m
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,8 @@ from nwcfmt.codecs.latent import (
     SCALE_DTYPES,
     SCALE_SEGMENT,
     TABLES_SEGMENT,
+    CalibratedLatent,
+    CalibratedOptions,
     LatentCodec,
     LatentLayout,
     expect,
@@ -30,7 +33,8 @@ from nwcfmt.codecs.registry import register_codec
 from nwcfmt.container.manifest import TensorRecord
 from nwcfmt.container.safetensors_io import TensorInfo
 from nwcfmt.encoders import ecsq, latents
-from nwcfmt.encoders.rate import find_step, meet_target
+from nwcfmt.encoders.ldlq import column_importance, column_order
+from nwcfmt.encoders.rate import find_step, meet_target, secant_step
 from nwcfmt.entropy import rans
 from nwcfmt.entropy.rans import Context
 from nwcfmt.errors import FormatError
@@ -62,10 +66,21 @@ class EcsqCodec(LatentCodec):
         weight = tensor.detach().to(torch.float32).reshape(rows, cols)
         scale0 = ecsq.row_rms(weight, self.scale_dtype)
         normalised = weight / scale0[:, None]
-        n = rows * cols
-        context = Context()
-        side = rows * SCALE_DTYPES[self.scale_dtype].itemsize
 
+        def encode_at(step: float) -> tuple[float, EncodedTensor]:
+            result = ecsq.quantize(weight, normalised, step, self.scale_dtype, self.centroids, scale0, self.refit)
+            return self.record(result, step)
+
+        if self.step is not None:
+            return encode_at(float(self.step))[1]
+        return meet_target(encode_at, self._data_free_step(normalised), self.bits)[1]
+
+    def _data_free_step(self, normalised: torch.Tensor) -> float:
+        """The step whose estimated bytes (ideal code length with the integer tables, scales, centroids) meet
+        ``bits`` for round-to-nearest of ``normalised`` (:func:`nwcfmt.encoders.rate.find_step`)."""
+        rows, cols = normalised.shape
+        n = rows * cols
+        side = rows * SCALE_DTYPES[self.scale_dtype].itemsize
         y_min, y_max = float(normalised.min()), float(normalised.max())
         flat = normalised.reshape(-1)
         sample = flat[:: max(1, n // SAMPLE_SYMBOLS)]
@@ -83,36 +98,71 @@ class EcsqCodec(LatentCodec):
 
             return bits_at
 
-        def encode_at(step: float) -> tuple[float, EncodedTensor]:
-            result = ecsq.quantize(weight, normalised, step, self.scale_dtype, self.centroids, scale0, self.refit)
-            alphabet = result.recon.numel()
-            latents.check_alphabet(alphabet, self.codec_id)
-            freqs = latents.tables_for(latents.table_counts(result.symbols, alphabet, context))
-            stream = latents.encode_stream(result.symbols, freqs, context, self.lane_symbols)
-            segments = {
-                PRIMARY_SEGMENT: torch.from_numpy(stream.words),
-                LANES_SEGMENT: torch.from_numpy(stream.lanes),
-                TABLES_SEGMENT: torch.from_numpy(freqs),
-                RECON_SEGMENT: result.recon.reshape(1, alphabet),
-                SCALE_SEGMENT: result.scale.to(SCALE_DTYPES[self.scale_dtype]),
-            }
-            nbytes = sum(s.numel() * s.element_size() for s in segments.values())
-            params = {
-                "levels": 1,
-                "lane_symbols": self.lane_symbols,
-                "scale_dtype": self.scale_dtype,
-                "step": float(np.float32(step)),
-                "centroids": self.centroids,
-                "refit": self.refit,
-            }
-            if self.step is None:
-                params["bits_target"] = self.bits
-            return 8 * nbytes / n, EncodedTensor(segments, params)
+        return find_step(estimate_on, sample, flat, self.bits)
+
+    def record(self, result: ecsq.EcsqResult, step: float) -> tuple[float, EncodedTensor]:
+        """The stored record of a quantization at ``step``, and its bits per weight (file bytes)."""
+        rows = result.scale.numel()
+        n_levels, alphabet = result.recon.shape
+        latents.check_alphabet(alphabet, self.codec_id)
+        context = Context(levels=result.levels, n_levels=n_levels) if n_levels > 1 else Context()
+        freqs = latents.tables_for(latents.table_counts(result.symbols, alphabet, context))
+        stream = latents.encode_stream(result.symbols, freqs, context, self.lane_symbols)
+        segments = {
+            PRIMARY_SEGMENT: torch.from_numpy(stream.words),
+            LANES_SEGMENT: torch.from_numpy(stream.lanes),
+            TABLES_SEGMENT: torch.from_numpy(freqs),
+            RECON_SEGMENT: result.recon,
+            SCALE_SEGMENT: result.scale.to(SCALE_DTYPES[self.scale_dtype]),
+        }
+        if n_levels > 1:
+            segments[LEVELS_SEGMENT] = torch.from_numpy(result.levels)
+        nbytes = sum(s.numel() * s.element_size() for s in segments.values())
+        params: dict[str, Any] = {
+            "levels": n_levels,
+            "lane_symbols": self.lane_symbols,
+            "scale_dtype": self.scale_dtype,
+            "step": float(np.float32(step)),
+            "centroids": self.centroids,
+            "refit": self.refit,
+        }
+        if self.step is None:
+            params["bits_target"] = self.bits
+        return 8 * nbytes / (rows * result.cols), EncodedTensor(segments, params)
+
+    def encode_with_hessian(
+        self, tensor: torch.Tensor, hessian: torch.Tensor, options: CalibratedOptions, ctx: EncodeContext | None = None
+    ) -> CalibratedLatent:
+        """Calibrated ECSQ (:func:`nwcfmt.encoders.ecsq.ldlq_quantize`) of one Linear weight, rate-controlled
+        on the record's real bytes; the row scales of the result may still be tuned (``CalibratedLatent``)."""
+        self.check_input(tensor)
+        rows, cols = matrix_shape(tuple(tensor.shape))
+        weight = tensor.detach().to(torch.float32).reshape(rows, cols)
+        scale0 = ecsq.row_rms(weight, self.scale_dtype)
+        order = column_order(hessian, options.act_order)
+        importance = column_importance(hessian, order, options)
+        levels = ecsq.importance_levels(importance, options.levels)
+
+        def steps_of(step: float) -> torch.Tensor:
+            return ecsq.level_steps(importance, levels, options.levels, step)
+
+        def encode_at(step: float) -> tuple[float, ecsq.EcsqResult]:
+            result = ecsq.ldlq_quantize(
+                weight, hessian, scale0, step, levels, steps_of, self.scale_dtype, centroids=self.centroids,
+                refit=self.refit, feedback=options.feedback, order=order, percdamp=options.percdamp,
+            )  # fmt: skip
+            return self.record(result, step)[0], result
 
         if self.step is not None:
-            return encode_at(float(self.step))[1]
-        step = find_step(estimate_on, sample, flat, self.bits)
-        return meet_target(encode_at, step, self.bits)[1]
+            step, result = float(self.step), encode_at(float(self.step))[1]
+        else:
+            start = self._data_free_step(weight / scale0[:, None])
+            step, result = secant_step(encode_at, start, self.bits)
+        return CalibratedLatent(
+            values=result.values,
+            scale=result.scale,
+            finish=lambda scale: self.record(replace(result, scale=scale), step)[1],
+        )
 
     # ------------------------------------------------------------------------------------------ decode
     @classmethod

@@ -17,14 +17,14 @@ Decoders use the stored integer tables as they are; every size is checked agains
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec
+from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec, EncodeContext, EncodedTensor
 from nwcfmt.constants import DTYPE_NAMES
 from nwcfmt.container.manifest import TensorRecord
 from nwcfmt.container.safetensors_io import TensorInfo
@@ -84,6 +84,29 @@ def expect(record: TensorRecord, info: TensorInfo, dtype: str, shape: tuple[int,
         )
 
 
+@dataclass(frozen=True)
+class CalibratedOptions:
+    """The calibrated stages of a latent encoder (each switchable, to measure it)."""
+
+    levels: int = MAX_LEVELS  # importance levels from diag(H) (1: none)
+    feedback: bool = True  # LDLQ error feedback
+    finetune: bool = True  # row scales tuned on the block output
+    act_order: bool = True  # feedback in decreasing diag(H) order (GPTQ act-order; free here: no groups)
+    percdamp: float = 0.01
+    importance: str = "ldl"  # what ranks columns into levels: "ldl" (the feedback's LDL diagonal) or "hdiag"
+
+
+@dataclass
+class CalibratedLatent:
+    """A calibrated encoder's result for one Linear, before its row scales are final: the decoded weight is
+    ``values * scale[:, None]`` (fp32); ``finish(scale)`` stores it with the given (stored-dtype) scales."""
+
+    values: torch.Tensor  # fp32 [rows, cols], in row-scale units
+    scale: torch.Tensor  # fp32 [rows], as stored
+    finish: Callable[[torch.Tensor], EncodedTensor]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
 class LatentCodec(Codec):
     """Storage, validation and entropy decoding of the latent layout; subclasses say what latents mean."""
 
@@ -91,6 +114,7 @@ class LatentCodec(Codec):
     exact = False
     base_segments: ClassVar[tuple[str, ...]] = (PRIMARY_SEGMENT, LANES_SEGMENT, TABLES_SEGMENT, SCALE_SEGMENT)
     chunk: ClassVar[int] = 1  # latents per position: symbol i belongs to position i // chunk
+    calibration_optional: ClassVar[bool] = True  # calibrated from a model folder, else data-free
 
     # ------------------------------------------------------------------------------------------ layout
     @classmethod
@@ -214,9 +238,20 @@ class LatentCodec(Codec):
         refit: bool = True,
         lane_symbols: int = rans.DEFAULT_LANE_SYMBOLS,
         scale_dtype: str = "float16",
+        calibrate: bool = True,
+        levels: int = MAX_LEVELS,
+        feedback: bool = True,
+        finetune: bool = True,
+        act_order: bool = True,
+        percdamp: float = 0.01,
+        importance: str = "ldl",
     ) -> None:
         """The config every latent encoder shares: a target ``bits`` per weight (a real number) or a fixed
-        ``step``, ``refit`` (least-squares row scales), ``lane_symbols`` and ``scale_dtype``."""
+        ``step``, ``refit`` (least-squares row scales), ``lane_symbols`` and ``scale_dtype``; and the calibrated
+        stages, used when a model folder is encoded with calibration (``calibrate``): ``levels`` (importance
+        levels from diag(H), 1 to 4), ``feedback`` (LDLQ), ``finetune`` (row scales tuned on the block output),
+        ``act_order`` and ``percdamp`` (of the feedback), ``importance`` (what ranks columns into levels: "ldl",
+        the feedback's LDL diagonal, or "hdiag", diag(H) as NWC does)."""
         if step is None and (not isinstance(bits, (int, float)) or isinstance(bits, bool) or not 0.5 <= bits <= 16):
             raise EncodeError("bits must be a number in [0.5, 16] (or give step)")
         if step is not None and not (isinstance(step, (int, float)) and 0 < step < float("inf")):
@@ -227,12 +262,35 @@ class LatentCodec(Codec):
             )
         if scale_dtype not in tuple(SCALE_DTYPES):
             raise EncodeError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
+        if not isinstance(levels, int) or isinstance(levels, bool) or not 1 <= levels <= MAX_LEVELS:
+            raise EncodeError(f"levels must be an integer from 1 to {MAX_LEVELS}")
+        if not isinstance(percdamp, (int, float)) or not 0 <= percdamp < 10:
+            raise EncodeError("percdamp must be a number in [0, 10)")
         self.bits, self.step, self.refit = bits, step, bool(refit)
         self.lane_symbols, self.scale_dtype = lane_symbols, scale_dtype
+        self.calibrate = bool(calibrate)
+        if importance not in ("ldl", "hdiag"):
+            raise EncodeError("importance must be 'ldl' or 'hdiag'")
+        self.calibration = CalibratedOptions(
+            levels, bool(feedback), bool(finetune), bool(act_order), float(percdamp), importance
+        )
 
     def get_config(self) -> dict[str, Any]:
         rate = {"step": self.step} if self.step is not None else {"bits": self.bits}
-        return {**rate, "refit": self.refit, "lane_symbols": self.lane_symbols, "scale_dtype": self.scale_dtype}
+        stages = {**asdict(self.calibration), "calibrate": self.calibrate} if self.calibrate else {"calibrate": False}
+        return {
+            **rate,
+            "refit": self.refit,
+            "lane_symbols": self.lane_symbols,
+            "scale_dtype": self.scale_dtype,
+            **stages,
+        }
+
+    def encode_with_hessian(
+        self, tensor: torch.Tensor, hessian: torch.Tensor, options: CalibratedOptions, ctx: EncodeContext | None = None
+    ) -> CalibratedLatent:
+        """Calibrated encode of one Linear weight with the Hessian ``[cols, cols]`` of its input."""
+        raise EncodeError(f"{self.codec_id} has no calibrated encoder")
 
     def check_input(self, tensor: torch.Tensor) -> None:
         if tensor.dtype not in LATENT_DTYPES or tensor.dim() < 1 or tensor.numel() == 0:

@@ -27,6 +27,8 @@ from nwcfmt.codecs.latent import (
     SCALE_DTYPES,
     SCALE_SEGMENT,
     TABLES_SEGMENT,
+    CalibratedLatent,
+    CalibratedOptions,
     LatentCodec,
     LatentLayout,
     expect,
@@ -38,7 +40,7 @@ from nwcfmt.codecs.registry import register_codec
 from nwcfmt.container.manifest import TensorRecord
 from nwcfmt.container.safetensors_io import TensorInfo
 from nwcfmt.encoders import ecsq, latents
-from nwcfmt.encoders.rate import find_step, meet_target
+from nwcfmt.encoders.rate import find_step, meet_target, secant_step
 from nwcfmt.entropy import rans
 from nwcfmt.entropy.rans import Context
 from nwcfmt.errors import EncodeError, FormatError
@@ -104,84 +106,179 @@ class NeuralCodec(LatentCodec):
         rows, cols = matrix_shape(tuple(tensor.shape))
         weight = tensor.detach().to(torch.float32).reshape(rows, cols)
         scale0 = ecsq.row_rms(weight, self.scale_dtype)
-        chunks = chunk_view(weight / scale0[:, None])
+        normalised = weight / scale0[:, None]
+        chunks = chunk_view(normalised)
+        levels = torch.zeros(chunks.shape[0], dtype=torch.int64)
+        net_share = net_bytes() / self.claims(ctx)  # this record's budgeted share of the file's decoder network
+
+        def encode_at(step: float) -> tuple[float, EncodedTensor]:
+            q = arch.encode_chunks(chunks, levels, step, net.encoder)
+            decoded = unchunk(arch.decode_chunks(q, levels, step, net.decoder), rows, cols)
+            scale = ecsq.refit_scales(weight, decoded, scale0) if self.refit else scale0
+            return self.record(q, None, step, ecsq.stored(scale, self.scale_dtype), cols, net_share)
+
+        if self.step is not None:
+            return encode_at(float(np.float32(self.step)))[1]
+        step = self._data_free_step(normalised, net_share)
+        return meet_target(lambda s: encode_at(float(np.float32(s))), step, self.bits)[1]
+
+    def _data_free_step(self, normalised: torch.Tensor, net_share: float) -> float:
+        """The step whose estimated bytes (ideal code length of the encoder network's latents with integer
+        tables, scales, the network's share) meet ``bits`` (:func:`nwcfmt.encoders.rate.find_step`)."""
+        from nwcfmt.neural.weights import load_codec
+
+        net = load_codec()
+        rows, cols = normalised.shape
+        chunks = chunk_view(normalised)
         levels = torch.zeros(chunks.shape[0], dtype=torch.int64)
         n = rows * cols  # weights; the latents also cover the padding rows
-        n_latents = chunks.numel()
-        net_share = net_bytes() / self.claims(ctx)  # this record's budgeted share of the file's decoder network
         side = rows * SCALE_DTYPES[self.scale_dtype].itemsize + net_share
         channel_options = (1, arch.CHUNK) if self.channels == "auto" else (self.channels,)
 
-        def latents_at(values: torch.Tensor, step: float) -> torch.Tensor:
-            return arch.encode_chunks(values, levels[: values.shape[0]], step, net.encoder)
-
-        def stream_estimate(q: torch.Tensor, scale_up: float) -> tuple[float, int]:
-            """(estimated stream bytes, channels) of latents ``q`` ``[m, 16]``, the best channel choice."""
+        def stream_estimate(q: torch.Tensor, scale_up: float) -> float:
+            """Estimated stream bytes of latents ``q`` ``[m, 16]`` with the better channel choice."""
             q_min = int(q.min())
             alphabet = int(q.max()) - q_min + 1
             if alphabet > rans.MAX_ALPHABET:
-                return float("inf"), 1
+                return float("inf")
             sym = (q - q_min).numpy()
-            best = (float("inf"), 1)
+            best = float("inf")
             for c in channel_options:
                 counts = np.stack([np.bincount(sym[:, k], minlength=alphabet) for k in range(arch.CHUNK)])
                 counts = counts.sum(0, keepdims=True) if c == 1 else counts
-                nbytes, _ = latents.estimate_bytes(counts * scale_up, n_latents, self.lane_symbols)
-                best = min(best, (nbytes, c))
+                nbytes, _ = latents.estimate_bytes(counts * scale_up, chunks.numel(), self.lane_symbols)
+                best = min(best, nbytes)
             return best
 
         def estimate_on(values: torch.Tensor) -> Callable[[float], float]:
             scale_up = chunks.shape[0] / values.shape[0]
 
             def bits_at(step: float) -> float:
-                nbytes, _ = stream_estimate(latents_at(values, step), scale_up)
-                return 8 * (nbytes + side) / n
+                q = arch.encode_chunks(values, levels[: values.shape[0]], step, net.encoder)
+                return 8 * (stream_estimate(q, scale_up) + side) / n
 
             return bits_at
 
-        def encode_at(step: float) -> tuple[float, EncodedTensor]:
-            q = latents_at(chunks, step)
-            _, channels = stream_estimate(q, 1.0)
-            q_min = int(q.min())
-            alphabet = int(q.max()) - q_min + 1
-            latents.check_alphabet(alphabet, self.codec_id)
-            symbols = (q - q_min).reshape(-1).numpy()
-            context = Context(channels=channels)
-            freqs = latents.tables_for(latents.table_counts(symbols, alphabet, context))
-            stream = latents.encode_stream(symbols, freqs, context, self.lane_symbols)
-            decoded = unchunk(arch.decode_chunks(q, levels, step, net.decoder), rows, cols)
-            scale = ecsq.refit_scales(weight, decoded, scale0) if self.refit else scale0
-            segments = {
-                PRIMARY_SEGMENT: torch.from_numpy(stream.words),
-                LANES_SEGMENT: torch.from_numpy(stream.lanes),
-                TABLES_SEGMENT: torch.from_numpy(freqs),
-                SCALE_SEGMENT: ecsq.stored(scale, self.scale_dtype).to(SCALE_DTYPES[self.scale_dtype]),
-            }
-            own = sum(s.numel() * s.element_size() for s in segments.values())
-            params: dict[str, Any] = {
-                "levels": 1,
-                "lane_symbols": self.lane_symbols,
-                "scale_dtype": self.scale_dtype,
-                "step": step,
-                "latent_min": q_min,
-                "channels": channels,
-                "arch": arch.ARCH_ID,
-                "decoder_sha256": net.decoder_hash,
-                "refit": self.refit,
-            }
-            if self.step is None:
-                params["bits_target"] = self.bits
-            shared = {}
-            for name in arch.DECODER_TENSORS:  # a fixed order (a loaded file's key order is not): same bytes
-                segments[NET_PREFIX + name] = net.decoder[name]
-                shared[NET_PREFIX + name] = f"{arch.ARCH_ID}.{net.decoder_hash[:16]}.{name}"
-            return 8 * (own + net_share) / n, EncodedTensor(segments, params, shared)
+        stride = max(1, chunks.shape[0] * arch.CHUNK // SAMPLE_SYMBOLS)
+        return find_step(estimate_on, chunks[::stride], chunks, self.bits)
+
+    def record(
+        self, q: torch.Tensor, levels: np.ndarray | None, step: float, scale: torch.Tensor, cols: int, net_share: float
+    ) -> tuple[float, EncodedTensor]:
+        """The stored record of latents ``q`` ``[n_chunks, 16]`` (chunk ``b * cols + c``), column ``levels``
+        (uint8, or None for one level), the float32 ``step`` and stored row ``scale``; and its bits per weight
+        with ``net_share`` bytes of the decoder network. Tables per channel or one for all, the smaller."""
+        from nwcfmt.neural.weights import load_codec
+
+        net = load_codec()
+        rows = scale.numel()
+        n_levels = 1 if levels is None else int(levels.max()) + 1
+        levels = levels if n_levels > 1 else None
+        q_min = int(q.min())
+        alphabet = int(q.max()) - q_min + 1
+        latents.check_alphabet(alphabet, self.codec_id)
+        symbols = (q - q_min).reshape(-1).numpy()
+        options = (1, arch.CHUNK) if self.channels == "auto" else (self.channels,)
+        best: tuple[float, int, np.ndarray] | None = None
+        for channels in options:
+            context = Context(channels, levels, arch.CHUNK, n_levels)
+            counts = latents.table_counts(symbols, alphabet, context)
+            nbytes, freqs = latents.estimate_bytes(counts, symbols.size, self.lane_symbols)
+            if best is None or nbytes < best[0]:
+                best = (nbytes, channels, freqs)
+        _, channels, freqs = best
+        context = Context(channels, levels, arch.CHUNK, n_levels)
+        stream = latents.encode_stream(symbols, freqs, context, self.lane_symbols)
+        segments = {
+            PRIMARY_SEGMENT: torch.from_numpy(stream.words),
+            LANES_SEGMENT: torch.from_numpy(stream.lanes),
+            TABLES_SEGMENT: torch.from_numpy(freqs),
+            SCALE_SEGMENT: scale.to(SCALE_DTYPES[self.scale_dtype]),
+        }
+        if levels is not None:
+            segments[LEVELS_SEGMENT] = torch.from_numpy(levels)
+        own = sum(s.numel() * s.element_size() for s in segments.values())
+        params: dict[str, Any] = {
+            "levels": n_levels,
+            "lane_symbols": self.lane_symbols,
+            "scale_dtype": self.scale_dtype,
+            "step": step,
+            "latent_min": q_min,
+            "channels": channels,
+            "arch": arch.ARCH_ID,
+            "decoder_sha256": net.decoder_hash,
+            "refit": self.refit,
+        }
+        if self.step is None:
+            params["bits_target"] = self.bits
+        shared = {}
+        for name in arch.DECODER_TENSORS:  # a fixed order (a loaded file's key order is not): same bytes
+            segments[NET_PREFIX + name] = net.decoder[name]
+            shared[NET_PREFIX + name] = f"{arch.ARCH_ID}.{net.decoder_hash[:16]}.{name}"
+        return 8 * (own + net_share) / (rows * cols), EncodedTensor(segments, params, shared)
+
+    def encode_with_hessian(
+        self, tensor: torch.Tensor, hessian: torch.Tensor, options: CalibratedOptions, ctx: EncodeContext | None = None
+    ) -> CalibratedLatent:
+        """Calibrated ``neural``: LDLQ over the columns, each column's chunks coded by the encoder network at
+        the column's importance level (the quality embedding), rate-controlled on the record's real bytes; the
+        row scales are refit in the ``H`` metric and may still be tuned (``CalibratedLatent``)."""
+        from nwcfmt.encoders.ldlq import column_order, ldlq
+        from nwcfmt.neural.weights import load_codec
+
+        self.check_input(tensor)
+        net = load_codec()
+        rows, cols = matrix_shape(tuple(tensor.shape))
+        weight = tensor.detach().to(torch.float32).reshape(rows, cols)
+        scale0 = ecsq.row_rms(weight, self.scale_dtype)
+        normalised = weight / scale0[:, None]
+        col_levels = ecsq.importance_levels(torch.diagonal(hessian).to(torch.float64), options.levels)
+        stored_levels = col_levels.to(torch.uint8).numpy() if options.levels > 1 else None
+        blocks = math.ceil(rows / arch.CHUNK)
+        padded = blocks * arch.CHUNK
+        order = column_order(hessian, options.act_order)
+        net_share = net_bytes() / self.claims(ctx)
+
+        def sweep(step: float) -> tuple[torch.Tensor, torch.Tensor]:
+            """Latents ``[blocks, cols, 16]`` and decoded values ``[rows, cols]`` at ``step``."""
+            q = torch.empty(blocks, cols, arch.CHUNK, dtype=torch.int64)
+            st = torch.tensor(step, dtype=torch.float32)
+
+            @torch.no_grad()
+            def quantize_column(j: int, target: torch.Tensor) -> torch.Tensor:
+                # the networks' functions directly (one small column per call: the checked batch wrappers
+                # cost as much as the arithmetic); the final weights are decoded from the record
+                x = torch.zeros(padded, dtype=torch.float32)
+                x[:rows] = target
+                lv = col_levels[j].expand(blocks)
+                qj = torch.round(arch.encoder_latents(x.view(blocks, arch.CHUNK), lv, st, net.encoder))
+                q[:, j] = qj.to(torch.int64)
+                return arch.decoder_output(qj, lv, st, net.decoder).reshape(-1)[:rows]
+
+            if options.feedback:
+                decoded = ldlq(normalised, hessian, quantize_column, order=order, percdamp=options.percdamp).decoded
+            else:
+                decoded = torch.stack([quantize_column(j, normalised[:, j]) for j in range(cols)], dim=1)
+            return q.reshape(-1, arch.CHUNK), decoded
+
+        def encode_at(step: float) -> tuple[float, tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]]:
+            step = float(np.float32(step))
+            q, values = sweep(step)
+            scale = scale0
+            if self.refit:
+                scale = ecsq.stored(ecsq.hessian_refit(weight, values, hessian, scale0), self.scale_dtype)
+            return self.record(q, stored_levels, step, scale, cols, net_share)[0], (step, q, values, scale)
 
         if self.step is not None:
-            return encode_at(float(np.float32(self.step)))[1]
-        stride = max(1, chunks.shape[0] * arch.CHUNK // SAMPLE_SYMBOLS)
-        step = find_step(estimate_on, chunks[::stride], chunks, self.bits)
-        return meet_target(lambda s: encode_at(float(np.float32(s))), step, self.bits)[1]
+            _, (step, q, values, scale) = encode_at(float(self.step))
+        else:
+            start = self._data_free_step(normalised, net_share)
+            _, (step, q, values, scale) = secant_step(encode_at, start, self.bits)
+        return CalibratedLatent(
+            values=values,
+            scale=scale,
+            finish=lambda tuned: self.record(q, stored_levels, step, tuned, cols, net_share)[1],
+        )
 
     # ------------------------------------------------------------------------------------------ layout
     @classmethod

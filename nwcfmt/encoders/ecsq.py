@@ -5,10 +5,18 @@ Each row is divided by its RMS (stored as the row scale), one uniform step quant
 normalised weights that fell in it), which is what makes ECSQ 0.25 bit from the Shannon bound on Gaussian
 sources at >= 2 bits instead of losing ~0.4 dB at midpoints. Finally each row scale is refit by least squares
 against the reconstruction (``refit``). The step is the rate knob.
+
+Calibrated (:func:`ldlq_quantize`): with the Hessian ``H`` of the layer's input, columns get importance levels
+(:func:`importance_levels`), each level its own step (equal-slope allocation, :func:`level_steps`), and the
+columns are rounded one by one with LDLQ error feedback (:mod:`nwcfmt.encoders.ldlq`); the reconstruction
+values are fixed before the sweep (centroids of a feedback-free pass) so that the feedback sees exactly what a
+decoder rebuilds, and row scales are refit in the ``H`` metric.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,11 +36,27 @@ def row_rms(weight: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     return stored(torch.where(rms > 0, rms, torch.ones_like(rms)), scale_dtype)
 
 
+LEVEL_FRACTIONS = (0.10, 0.01, 0.001)  # the most important columns at level >= 1, 2, 3 (NWC's split)
+STEP_GAIN_MIN = 1 / 16  # a level's step is at least this fraction of level 0's
+CLAMP_CELLS = 4  # LDLQ may push a target past the feedback-free range: this many extra cells each side
+
+
 @dataclass
 class EcsqResult:
     symbols: np.ndarray  # int64 [rows * cols], alphabet indices, row-major
-    recon: torch.Tensor  # fp32 [alphabet]: a symbol's value in row-scale units
+    recon: torch.Tensor  # fp32 [n_levels, alphabet]: a symbol's value in row-scale units, per level
     scale: torch.Tensor  # fp32 [rows], as stored
+    cols: int
+    levels: np.ndarray | None = None  # uint8 [cols] when there is more than one level
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The decoded weights in row-scale units ``[rows, cols]`` (before the row scale)."""
+        alphabet = self.recon.shape[1]
+        sym = torch.from_numpy(self.symbols).view(-1, self.cols)
+        if self.levels is not None:
+            sym = sym + torch.from_numpy(self.levels.astype(np.int64))[None, :] * alphabet
+        return self.recon.reshape(-1)[sym]
 
 
 def latents(normalised: torch.Tensor, step: float) -> tuple[torch.Tensor, int, int]:
@@ -72,4 +96,109 @@ def quantize(
     recon = recon.to(torch.float32)
     if refit:
         scale = stored(refit_scales(weight, recon[symbols].view_as(weight), scale), scale_dtype)
-    return EcsqResult(symbols.numpy(), recon, scale)
+    return EcsqResult(symbols.numpy(), recon[None], scale, weight.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------ calibrated
+def importance_levels(importance: torch.Tensor, n_levels: int) -> torch.Tensor:
+    """Per-column level (int64 ``[cols]``): the top :data:`LEVEL_FRACTIONS` of columns by ``importance`` get
+    levels 1, 2, 3 (as many as ``n_levels`` allows); ties broken by column index."""
+    cols = importance.numel()
+    levels = torch.zeros(cols, dtype=torch.int64)
+    order = torch.argsort(importance.to(torch.float64), descending=True, stable=True)
+    for fraction in LEVEL_FRACTIONS[: n_levels - 1]:
+        levels[order[: math.ceil(fraction * cols)]] += 1
+    return levels
+
+
+def level_steps(importance: torch.Tensor, levels: torch.Tensor, n_levels: int, step: float) -> torch.Tensor:
+    """Each level's step (fp64 ``[n_levels]``): equal-slope allocation, ``step * sqrt(I_0 / I_l)`` with
+    ``I_l`` the mean importance of the level's columns (high-rate ECSQ: a column weighted ``I`` wants a step
+    ``~ 1/sqrt(I)``), never below :data:`STEP_GAIN_MIN` of ``step`` nor above it."""
+    imp = importance.to(torch.float64)
+    base = float(imp[levels == 0].mean()) if bool((levels == 0).any()) else float(imp.mean())
+    gains = torch.ones(n_levels, dtype=torch.float64)
+    for lv in range(1, n_levels):
+        member = levels == lv
+        if bool(member.any()) and base > 0:
+            gains[lv] = math.sqrt(base / float(imp[member].mean()))
+    return step * gains.clamp(STEP_GAIN_MIN, 1.0)
+
+
+def _recon_tables(normalised: torch.Tensor, col_steps: torch.Tensor, levels: torch.Tensor, steps: torch.Tensor,
+                  centroids: bool, lo: int, hi: int) -> torch.Tensor:  # fmt: skip
+    """fp64 ``[n_levels, hi - lo + 1]``: the value of latent ``lo + k`` at each level, the centroid of the
+    weights that round to it without feedback (midpoint where none does, or with ``centroids=False``)."""
+    n_levels, width = steps.numel(), hi - lo + 1
+    grid = torch.arange(lo, hi + 1, dtype=torch.float64)
+    recon = grid[None, :] * steps[:, None]
+    if not centroids:
+        return recon
+    q = torch.round(normalised / col_steps[None, :]).to(torch.int64) - lo
+    cell = (levels[None, :] * width + q).reshape(-1)
+    counts = torch.bincount(cell, minlength=n_levels * width).to(torch.float64).view(n_levels, width)
+    sums = torch.bincount(cell, weights=normalised.reshape(-1).to(torch.float64), minlength=n_levels * width)
+    return torch.where(counts > 0, sums.view(n_levels, width) / counts.clamp(min=1), recon)
+
+
+def hessian_refit(
+    weight: torch.Tensor, values: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Per-row scales minimising ``(w - s v) H (w - s v)^T`` (the layer-output error); rows whose
+    ``v H v^T`` vanishes keep ``scale``."""
+    h = hessian.to(torch.float64)
+    v, w = values.to(torch.float64), weight.to(torch.float64)
+    vh = v @ h
+    vv = (vh * v).sum(dim=1)
+    fit = (vh * w).sum(dim=1) / vv.clamp(min=1e-300)
+    return torch.where(vv > 0, fit, scale.to(torch.float64)).to(torch.float32)
+
+
+def ldlq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scale: torch.Tensor,
+    step: float,
+    levels: torch.Tensor,
+    steps_of: Callable[[float], torch.Tensor],
+    scale_dtype: str,
+    *,
+    centroids: bool = True,
+    refit: bool = True,
+    feedback: bool = True,
+    order: torch.Tensor | None = None,
+    percdamp: float = 0.01,
+) -> EcsqResult:
+    """Calibrated ECSQ of ``weight`` ``[rows, cols]`` at ``step``: ``steps_of(step)`` gives each level's step,
+    ``levels`` each column's level; ``scale`` the stored row scales (``weight / scale`` is coded). With
+    ``feedback`` the columns are rounded by LDLQ through ``hessian`` (else each to its nearest latent)."""
+    from nwcfmt.encoders.ldlq import ldlq
+
+    normalised = weight / scale[:, None]
+    steps = steps_of(step).to(torch.float64)
+    n_levels = steps.numel()
+    col_steps = steps[levels].to(torch.float32)
+    q0 = torch.round(normalised / col_steps[None, :])
+    lo, hi = int(q0.min()) - CLAMP_CELLS, int(q0.max()) + CLAMP_CELLS
+    recon = _recon_tables(normalised, col_steps, levels, steps, centroids, lo, hi).to(torch.float32)
+    rows, cols = normalised.shape
+    q = torch.empty(rows, cols, dtype=torch.int64)
+
+    def quantize_column(j: int, target: torch.Tensor) -> torch.Tensor:
+        k = torch.round(target / col_steps[j]).clamp(lo, hi).to(torch.int64) - lo
+        q[:, j] = k
+        return recon[levels[j], k]
+
+    if feedback:
+        ldlq(normalised, hessian, quantize_column, order=order, percdamp=percdamp)
+    else:
+        for j in range(cols):
+            quantize_column(j, normalised[:, j])
+    used_lo, used_hi = int(q.min()), int(q.max())
+    recon = recon[:, used_lo : used_hi + 1].contiguous()
+    symbols = (q - used_lo).reshape(-1).numpy()
+    lv = levels.to(torch.uint8).numpy() if n_levels > 1 else None
+    result = EcsqResult(symbols, recon, scale, cols, lv)
+    if refit:
+        result.scale = stored(hessian_refit(weight, result.values, hessian, scale), scale_dtype)
+    return result

@@ -64,3 +64,36 @@ def meet_target(encode_at: Callable[[float], tuple[float, object]], step: float,
             return step, result
         step *= 1.005
     raise EncodeError(f"could not meet {target} bits per weight")
+
+
+def secant_step(
+    encode_at: Callable[[float], tuple[float, T]], start: float, target: float, tol: float = 0.004, iters: int = 8
+) -> tuple[float, T]:
+    """Rate control for encoders too costly to bisect (a calibrated sweep per try): secant steps on
+    ``log2(step)`` from ``start`` (first assuming one bit per halving, as at high rate) until a try lands within
+    ``tol`` bits per weight under ``target``; then coarsening by 1% until one fits. Returns ``(step, result)``
+    of the finest try within the target."""
+    tries: list[tuple[float, float, T]] = []  # (log2 step, bits, result)
+    x = math.log2(start)
+    for _ in range(iters):
+        bits, result = encode_at(2.0**x)
+        tries.append((x, bits, result))
+        if target - tol <= bits <= target:
+            break
+        fits = [t for t in tries if t[1] <= target]
+        over = [t for t in tries if t[1] > target]
+        lo = max(over, key=lambda t: t[0]) if over else None  # the coarsest try still over the target
+        hi = min(fits, key=lambda t: t[0]) if fits else None  # the finest try within it
+        if lo is not None and hi is not None:
+            slope = (hi[1] - lo[1]) / (hi[0] - lo[0]) if hi[0] != lo[0] else -1.0
+            slope = slope if slope < 0 else -1.0
+            x_new = lo[0] + (target - tol / 2 - lo[1]) / slope
+            x = min(max(x_new, lo[0] + 0.01 * (hi[0] - lo[0])), hi[0] - 0.01 * (hi[0] - lo[0]))
+        else:
+            x += bits - (target - tol / 2)
+    fits = [t for t in tries if t[1] <= target]
+    if fits:
+        best = min(fits, key=lambda t: t[0])
+        return 2.0 ** best[0], best[2]
+    step = 2.0 ** max(t[0] for t in tries)
+    return meet_target(encode_at, step * 1.01, target)

@@ -1,0 +1,135 @@
+"""The calibrated encoder of the entropy-coded codecs (``ecsq``, ``neural``) for the calibration pipeline.
+
+Per decoder block: each selected Linear is coded from the Hessian of its input by its codec's
+``encode_with_hessian`` (importance levels, LDLQ error feedback, rate control on the record's real bytes; see
+:mod:`nwcfmt.encoders.ecsq` and :mod:`nwcfmt.encoders.ldlq`). Then, with ``finetune``, the row scales of all
+the block's Linears are tuned jointly with Adam on the mean squared error between the block's output and the
+full-precision block's output (NWC's row-norm fine-tuning); scales are rounded to their stored dtype in the
+forward pass (straight-through), so the loss is the decoder's. The latents never change, so the rate does not
+either (scales are a fixed number of bytes). The block loss is measured before and after on evenly spaced
+calibration batches, and the untuned scales are kept when tuning did not lower it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from nwcfmt.calibration import register_method
+from nwcfmt.calibration.method import BlockData, LinearResult
+from nwcfmt.codecs.base import EncodeContext
+from nwcfmt.codecs.gptq import layer_loss
+from nwcfmt.codecs.latent import SCALE_DTYPES, CalibratedLatent, LatentCodec
+from nwcfmt.codecs.learned_rounding import block_mse, block_output, guard_batches, split_batches
+from nwcfmt.codecs.registry import get_codec
+from nwcfmt.container.writer import decode_encoded
+from nwcfmt.errors import EncodeError
+
+FINETUNE_ITERS = 100  # Adam steps per block
+FINETUNE_LR = 1e-3  # on the log of each row scale
+FINETUNE_BATCH = 4  # sequences per step
+
+
+def _stored(values: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """``values`` rounded to the scale dtype, with a straight-through gradient."""
+    rounded = values.detach().to(SCALE_DTYPES[scale_dtype]).to(torch.float32)
+    return values + (rounded - values).detach()
+
+
+@dataclass
+class LatentMethod:
+    """The :class:`~nwcfmt.calibration.method.BlockQuantizer` of ``ecsq`` and ``neural``."""
+
+    codec: LatentCodec
+
+    @property
+    def needs_targets(self) -> bool:
+        return self.codec.calibration.finetune
+
+    def quantize_block(
+        self, block: nn.Module, linears: dict[str, nn.Linear], data: BlockData
+    ) -> dict[str, LinearResult]:
+        start = time.perf_counter()
+        drafts: dict[str, CalibratedLatent] = {}
+        stats: dict[str, dict[str, float]] = {}
+        for name, linear in linears.items():
+            if name not in data.hessians:
+                raise EncodeError(f"{self.codec.codec_id}: block {data.index} has no Hessian for {name!r}")
+            weight, hessian = linear.weight.detach(), data.hessians[name]
+            ctx = EncodeContext(name=name, shared_claims=data.linears_total)
+            draft = self.codec.encode_with_hessian(weight, hessian, self.codec.calibration, ctx)
+            ref = layer_loss(weight, torch.zeros_like(weight), hessian)
+            loss = layer_loss(weight, draft.values * draft.scale[:, None], hessian)
+            drafts[name] = draft
+            stats[name] = {"layer_loss": loss / ref if ref > 0 else 0.0, **draft.stats}
+        scales = {name: d.scale for name, d in drafts.items()}
+        if self.codec.calibration.finetune and drafts:
+            scales, block_stats = self._finetune(block, drafts, data)
+            for s in stats.values():
+                s.update(block_stats)
+        results = {}
+        for name, draft in drafts.items():
+            encoded = draft.finish(scales[name])
+            weight = linears[name].weight
+            decoded = decode_encoded(name, self.codec, encoded, tuple(weight.shape), weight.dtype)
+            stats[name]["seconds"] = time.perf_counter() - start
+            results[name] = LinearResult(encoded, decoded.to(torch.float32), stats[name])
+        return results
+
+    def _finetune(
+        self, block: nn.Module, drafts: dict[str, CalibratedLatent], data: BlockData
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Row scales tuned on the block-output MSE (as stored, fp32), and the block losses before and after."""
+        scale_dtype = self.codec.scale_dtype
+        batches = split_batches(data, FINETUNE_BATCH)
+        guard = guard_batches(batches)
+        frozen = {name: p.detach() for name, p in block.named_parameters()}
+        logs = {name: torch.zeros_like(d.scale, requires_grad=True) for name, d in drafts.items()}
+
+        def scales() -> dict[str, torch.Tensor]:
+            return {name: _stored(d.scale * logs[name].exp(), scale_dtype) for name, d in drafts.items()}
+
+        def params(current: dict[str, torch.Tensor]) -> dict[str, Any]:
+            weights = {f"{name}.weight": d.values * current[name][:, None] for name, d in drafts.items()}
+            return {**frozen, **weights}
+
+        def guard_loss() -> float:
+            with torch.no_grad():
+                return block_mse(block, params(scales()), guard)
+
+        before = guard_loss()
+        initial = {name: d.scale for name, d in drafts.items()}
+        gen = torch.Generator().manual_seed(data.index)
+        opt = torch.optim.Adam(list(logs.values()), lr=FINETUNE_LR)
+        order: list[int] = []
+        with torch.enable_grad():
+            for _ in range(FINETUNE_ITERS):
+                if not order:
+                    order = torch.randperm(len(batches), generator=gen).tolist()
+                x, kw, y = batches[order.pop()]
+                loss = nn.functional.mse_loss(block_output(block, params(scales()), x, kw), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        after = guard_loss()
+        kept = after < before
+        with torch.no_grad():
+            final = {name: s.detach().clone() for name, s in scales().items()} if kept else initial
+        return final, {"block_loss": min(before, after), "block_loss_untuned": before, "tuned": float(kept)}
+
+
+def latent_method(codec_id: str):
+    def factory(config: dict[str, Any]) -> LatentMethod:
+        codec = get_codec(codec_id).from_config(config)
+        return LatentMethod(codec)
+
+    factory.__qualname__ = f"latent_method.{codec_id}"
+    return factory
+
+
+for _codec_id in ("ecsq", "neural"):
+    register_method(_codec_id, latent_method(_codec_id))
