@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             options = (
                 ["--bits", str(args.bits), "--group-size", str(args.group_size)]
                 if codec == "rtn"
-                else ["--bits", str(args.target_bits)]
+                else ["--bits", str(args.target_bits), "--param", "calibrate=false"]  # decode cost only
             )
             cli.main(
                 ["encode", str(original), "-o", str(folders[codec]), "--codec", codec, *options, "-q"],

@@ -252,6 +252,10 @@ def _optional_calibration(src, codec: str, codec_params: dict, factory, quiet: b
     ``calibrate=false`` or when the local source cannot be calibrated (said on stderr)."""
     from nwcfmt.calibration.pipeline import calibration_unavailable
 
+    try:
+        get_codec_class(codec)(**codec_params)  # bad params are an error before any notice
+    except TypeError as exc:
+        raise InputError(f"codec {codec!r}: invalid params {codec_params} ({exc})") from None
     if codec_params.get("calibrate") is False:
         return None
     reason = calibration_unavailable(Path(src)) if Path(src).exists() else None

@@ -149,7 +149,8 @@ class EcsqCodec(LatentCodec):
         def encode_at(step: float) -> tuple[float, ecsq.EcsqResult]:
             result = ecsq.ldlq_quantize(
                 weight, hessian, scale0, step, levels, steps_of, self.scale_dtype, centroids=self.centroids,
-                refit=self.refit, feedback=options.feedback, order=order, percdamp=options.percdamp,
+                refit=self.refit, feedback=options.feedback, order=order, group=options.group,
+                percdamp=options.percdamp,
             )  # fmt: skip
             return self.record(result, step)[0], result
 

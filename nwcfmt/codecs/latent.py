@@ -94,6 +94,7 @@ class CalibratedOptions:
     act_order: bool = True  # feedback in decreasing diag(H) order (GPTQ act-order; free here: no groups)
     percdamp: float = 0.01
     importance: str = "ldl"  # what ranks columns into levels: "ldl" (the feedback's LDL diagonal) or "hdiag"
+    group: int = 1  # columns quantized together by the feedback (block LDLQ)
 
 
 @dataclass
@@ -115,6 +116,7 @@ class LatentCodec(Codec):
     base_segments: ClassVar[tuple[str, ...]] = (PRIMARY_SEGMENT, LANES_SEGMENT, TABLES_SEGMENT, SCALE_SEGMENT)
     chunk: ClassVar[int] = 1  # latents per position: symbol i belongs to position i // chunk
     calibration_optional: ClassVar[bool] = True  # calibrated from a model folder, else data-free
+    feedback_group: ClassVar[int] = 1  # default columns per LDLQ step
 
     # ------------------------------------------------------------------------------------------ layout
     @classmethod
@@ -245,13 +247,15 @@ class LatentCodec(Codec):
         act_order: bool = True,
         percdamp: float = 0.01,
         importance: str = "ldl",
+        group: int | None = None,
     ) -> None:
         """The config every latent encoder shares: a target ``bits`` per weight (a real number) or a fixed
         ``step``, ``refit`` (least-squares row scales), ``lane_symbols`` and ``scale_dtype``; and the calibrated
         stages, used when a model folder is encoded with calibration (``calibrate``): ``levels`` (importance
         levels from diag(H), 1 to 4), ``feedback`` (LDLQ), ``finetune`` (row scales tuned on the block output),
         ``act_order`` and ``percdamp`` (of the feedback), ``importance`` (what ranks columns into levels: "ldl",
-        the feedback's LDL diagonal, or "hdiag", diag(H) as NWC does)."""
+        the feedback's LDL diagonal, or "hdiag", diag(H) as NWC does), ``group`` (columns quantized together
+        by the feedback; default :attr:`feedback_group`)."""
         if step is None and (not isinstance(bits, (int, float)) or isinstance(bits, bool) or not 0.5 <= bits <= 16):
             raise EncodeError("bits must be a number in [0.5, 16] (or give step)")
         if step is not None and not (isinstance(step, (int, float)) and 0 < step < float("inf")):
@@ -271,8 +275,11 @@ class LatentCodec(Codec):
         self.calibrate = bool(calibrate)
         if importance not in ("ldl", "hdiag"):
             raise EncodeError("importance must be 'ldl' or 'hdiag'")
+        group = self.feedback_group if group is None else group
+        if not isinstance(group, int) or isinstance(group, bool) or not 1 <= group <= 128:
+            raise EncodeError("group must be an integer from 1 to 128")
         self.calibration = CalibratedOptions(
-            levels, bool(feedback), bool(finetune), bool(act_order), float(percdamp), importance
+            levels, bool(feedback), bool(finetune), bool(act_order), float(percdamp), importance, group
         )
 
     def get_config(self) -> dict[str, Any]:

@@ -79,6 +79,7 @@ class NeuralCodec(LatentCodec):
 
     codec_id = "neural"
     chunk = arch.CHUNK
+    feedback_group = 4  # the network's per-call cost dominates one column: block LDLQ of 4 columns
 
     def __init__(self, channels: str | int = "auto", net_share: str | int = "auto", **config: Any) -> None:
         super().__init__(**config)
@@ -245,20 +246,23 @@ class NeuralCodec(LatentCodec):
             st = torch.tensor(step, dtype=torch.float32)
 
             @torch.no_grad()
-            def quantize_column(j: int, target: torch.Tensor) -> torch.Tensor:
-                # the networks' functions directly (one small column per call: the checked batch wrappers
+            def quantize_columns(js: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+                # the networks' functions directly (a few small columns per call: the checked batch wrappers
                 # cost as much as the arithmetic); the final weights are decoded from the record
-                x = torch.zeros(padded, dtype=torch.float32)
-                x[:rows] = target
-                lv = col_levels[j].expand(blocks)
-                qj = torch.round(arch.encoder_latents(x.view(blocks, arch.CHUNK), lv, st, net.encoder))
-                q[:, j] = qj.to(torch.int64)
-                return arch.decoder_output(qj, lv, st, net.decoder).reshape(-1)[:rows]
+                g = js.numel()
+                x = torch.zeros(g, padded, dtype=torch.float32)
+                x[:, :rows] = targets
+                lv = col_levels[js].repeat_interleave(blocks)
+                qj = torch.round(arch.encoder_latents(x.view(g * blocks, arch.CHUNK), lv, st, net.encoder))
+                q[:, js] = qj.view(g, blocks, arch.CHUNK).transpose(0, 1).to(torch.int64)
+                return arch.decoder_output(qj, lv, st, net.decoder).view(g, padded)[:, :rows]
 
             if options.feedback:
-                decoded = ldlq(normalised, hessian, quantize_column, order=order, percdamp=options.percdamp).decoded
+                result = ldlq(normalised, hessian, quantize_columns, order=order, group=options.group,
+                              percdamp=options.percdamp)  # fmt: skip
+                decoded = result.decoded
             else:
-                decoded = torch.stack([quantize_column(j, normalised[:, j]) for j in range(cols)], dim=1)
+                decoded = quantize_columns(torch.arange(cols), normalised.T).T.contiguous()
             return q.reshape(-1, arch.CHUNK), decoded
 
         def encode_at(step: float) -> tuple[float, tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]]:

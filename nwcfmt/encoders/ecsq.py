@@ -167,6 +167,7 @@ def ldlq_quantize(
     refit: bool = True,
     feedback: bool = True,
     order: torch.Tensor | None = None,
+    group: int = 1,
     percdamp: float = 0.01,
 ) -> EcsqResult:
     """Calibrated ECSQ of ``weight`` ``[rows, cols]`` at ``step``: ``steps_of(step)`` gives each level's step,
@@ -184,16 +185,15 @@ def ldlq_quantize(
     rows, cols = normalised.shape
     q = torch.empty(rows, cols, dtype=torch.int64)
 
-    def quantize_column(j: int, target: torch.Tensor) -> torch.Tensor:
-        k = torch.round(target / col_steps[j]).clamp(lo, hi).to(torch.int64) - lo
-        q[:, j] = k
-        return recon[levels[j], k]
+    def quantize_columns(js: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        k = torch.round(targets / col_steps[js][:, None]).clamp(lo, hi).to(torch.int64) - lo
+        q[:, js] = k.T
+        return recon[levels[js][:, None], k]
 
     if feedback:
-        ldlq(normalised, hessian, quantize_column, order=order, percdamp=percdamp)
+        ldlq(normalised, hessian, quantize_columns, order=order, group=group, percdamp=percdamp)
     else:
-        for j in range(cols):
-            quantize_column(j, normalised[:, j])
+        quantize_columns(torch.arange(cols), normalised.T)
     used_lo, used_hi = int(q.min()), int(q.max())
     recon = recon[:, used_lo : used_hi + 1].contiguous()
     symbols = (q - used_lo).reshape(-1).numpy()

@@ -24,7 +24,7 @@ import torch
 from nwcfmt.calibration.hessian import DEFAULT_PERCDAMP, damped_inverse_cholesky
 from nwcfmt.errors import EncodeError
 
-ColumnQuantizer = Callable[[int, torch.Tensor], torch.Tensor]  # (column index, targets [rows]) -> decoded [rows]
+ColumnQuantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (columns [g], targets [g, rows]) -> decoded
 
 
 @dataclass
@@ -58,22 +58,26 @@ def column_importance(hessian: torch.Tensor, order: torch.Tensor, options) -> to
 def ldlq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    quantize_column: ColumnQuantizer,
+    quantize_columns: ColumnQuantizer,
     *,
     order: torch.Tensor | None = None,
+    group: int = 1,
     block_size: int = 128,
     percdamp: float = DEFAULT_PERCDAMP,
 ) -> LdlqResult:
-    """Quantize ``weight`` ``[rows, cols]`` column by column with error feedback through ``hessian``.
+    """Quantize ``weight`` ``[rows, cols]`` ``group`` columns at a time with error feedback through ``hessian``.
 
-    ``quantize_column(j, targets)`` is called once per column ``j`` (original index), in ``order``. Columns
-    with a zero Hessian diagonal (inputs that never fire) still get quantized, with no feedback from them.
+    ``quantize_columns(js, targets)`` gets original column indices ``js`` (int64 ``[g]``, in ``order``) and
+    their targets ``[g, rows]`` and returns the decoded ``[g, rows]``. With ``group > 1`` (block LDLQ, as in
+    QuIP#) the columns of a group are quantized together from the same targets, and their errors still reach
+    the later columns exactly: ``e = U_BB^-T (w_B - q_B)`` replaces ``(w_j - q_j) / U_jj``. Columns with a
+    zero Hessian diagonal (inputs that never fire) still get quantized, with no feedback from them.
     """
     rows, cols = weight.shape
     if tuple(hessian.shape) != (cols, cols):
         raise EncodeError(f"ldlq: Hessian {list(hessian.shape)} does not match {cols} input columns")
-    if block_size < 1:
-        raise EncodeError("ldlq: block_size must be >= 1")
+    if block_size < 1 or group < 1:
+        raise EncodeError("ldlq: block_size and group must be >= 1")
     order = torch.arange(cols) if order is None else order
     h = hessian.detach().to(torch.float64)
     h = ((h + h.T) / 2)[order][:, order]
@@ -81,19 +85,24 @@ def ldlq(
     w_t = weight.detach().to(torch.float32)[:, order].T.contiguous()  # [cols, rows]: a column is a row here
     decoded_t = torch.empty_like(w_t)
     targets_t = torch.empty_like(w_t)
+    block_size = max(block_size, group)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1, u1 = w_t[i1:i2], upper[i1:i2, i1:i2]
         err1 = torch.empty_like(w1)
-        for i in range(i2 - i1):
-            targets_t[i1 + i] = w1[i]
-            q = quantize_column(int(order[i1 + i]), w1[i].clone())
-            if q.shape != w1[i].shape:
-                raise EncodeError(f"ldlq: the column quantizer returned {list(q.shape)}, not [{rows}]")
-            decoded_t[i1 + i] = q
-            e = (w1[i] - q) / u1[i, i]
-            w1[i:].addmm_(u1[i, i:].unsqueeze(1), e.unsqueeze(0), alpha=-1)
-            err1[i] = e
+        for a in range(0, i2 - i1, group):
+            b = min(a + group, i2 - i1)
+            targets_t[i1 + a : i1 + b] = w1[a:b]
+            q = quantize_columns(order[i1 + a : i1 + b], w1[a:b].clone())
+            if q.shape != w1[a:b].shape:
+                raise EncodeError(f"ldlq: the column quantizer returned {list(q.shape)}, not {list(w1[a:b].shape)}")
+            decoded_t[i1 + a : i1 + b] = q
+            if b - a == 1:
+                e = (w1[a:b] - q) / u1[a, a]
+            else:
+                e = torch.linalg.solve_triangular(u1[a:b, a:b].T, w1[a:b] - q, upper=False)
+            w1[b:].addmm_(u1[a:b, b:].T, e, alpha=-1)
+            err1[a:b] = e
         w_t[i2:].addmm_(upper[i1:i2, i2:].T, err1, alpha=-1)
     decoded = torch.empty(rows, cols, dtype=torch.float32)
     targets = torch.empty_like(decoded)
