@@ -26,14 +26,13 @@ from nwcfmt.codecs.latent import (
     LatentCodec,
     LatentLayout,
     expect,
-    matrix_shape,
     out_dtype,
 )
 from nwcfmt.codecs.registry import register_codec
 from nwcfmt.container.manifest import TensorRecord
 from nwcfmt.container.safetensors_io import TensorInfo
 from nwcfmt.encoders import ecsq, latents
-from nwcfmt.encoders.ldlq import column_importance, column_order
+from nwcfmt.encoders.ldlq import column_importance, column_order, ordered_upper
 from nwcfmt.encoders.rate import find_step, meet_target, secant_step
 from nwcfmt.entropy import rans
 from nwcfmt.entropy.rans import Context
@@ -61,10 +60,7 @@ class EcsqCodec(LatentCodec):
 
     # ------------------------------------------------------------------------------------------ encode
     def encode(self, tensor: torch.Tensor, ctx: EncodeContext | None = None) -> EncodedTensor:
-        self.check_input(tensor)
-        rows, cols = matrix_shape(tuple(tensor.shape))
-        weight = tensor.detach().to(torch.float32).reshape(rows, cols)
-        scale0 = ecsq.row_rms(weight, self.scale_dtype)
+        weight, scale0 = self.rows_and_scales(tensor)
         normalised = weight / scale0[:, None]
 
         def encode_at(step: float) -> tuple[float, EncodedTensor]:
@@ -135,12 +131,10 @@ class EcsqCodec(LatentCodec):
     ) -> CalibratedLatent:
         """Calibrated ECSQ (:func:`nwcfmt.encoders.ecsq.ldlq_quantize`) of one Linear weight, rate-controlled
         on the record's real bytes; the row scales of the result may still be tuned (``CalibratedLatent``)."""
-        self.check_input(tensor)
-        rows, cols = matrix_shape(tuple(tensor.shape))
-        weight = tensor.detach().to(torch.float32).reshape(rows, cols)
-        scale0 = ecsq.row_rms(weight, self.scale_dtype)
+        weight, scale0 = self.rows_and_scales(tensor)
         order = column_order(hessian, options.act_order)
-        importance = column_importance(hessian, order, options)
+        upper = ordered_upper(hessian, order, options.percdamp) if options.feedback else None
+        importance = column_importance(hessian, order, options, upper)
         levels = ecsq.importance_levels(importance, options.levels)
 
         def steps_of(step: float) -> torch.Tensor:
@@ -150,7 +144,7 @@ class EcsqCodec(LatentCodec):
             result = ecsq.ldlq_quantize(
                 weight, hessian, scale0, step, levels, steps_of, self.scale_dtype, centroids=self.centroids,
                 refit=self.refit, feedback=options.feedback, order=order, group=options.group,
-                percdamp=options.percdamp,
+                percdamp=options.percdamp, upper=upper,
             )  # fmt: skip
             return self.record(result, step)[0], result
 

@@ -293,6 +293,15 @@ class LatentCodec(Codec):
             **stages,
         }
 
+    def rows_and_scales(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A checked input as fp32 ``[rows, cols]`` and its row RMS as stored (the starting row scales)."""
+        from nwcfmt.encoders.ecsq import row_rms
+
+        self.check_input(tensor)
+        rows, cols = matrix_shape(tuple(tensor.shape))
+        weight = tensor.detach().to(torch.float32).reshape(rows, cols)
+        return weight, row_rms(weight, self.scale_dtype)
+
     def encode_with_hessian(
         self, tensor: torch.Tensor, hessian: torch.Tensor, options: CalibratedOptions, ctx: EncodeContext | None = None
     ) -> CalibratedLatent:

@@ -33,7 +33,6 @@ from nwcfmt.codecs.latent import (
     LatentLayout,
     expect,
     int_param,
-    matrix_shape,
     out_dtype,
 )
 from nwcfmt.codecs.registry import register_codec
@@ -102,11 +101,9 @@ class NeuralCodec(LatentCodec):
     def encode(self, tensor: torch.Tensor, ctx: EncodeContext | None = None) -> EncodedTensor:
         from nwcfmt.neural.weights import load_codec
 
-        self.check_input(tensor)
         net = load_codec()
-        rows, cols = matrix_shape(tuple(tensor.shape))
-        weight = tensor.detach().to(torch.float32).reshape(rows, cols)
-        scale0 = ecsq.row_rms(weight, self.scale_dtype)
+        weight, scale0 = self.rows_and_scales(tensor)
+        rows, cols = weight.shape
         normalised = weight / scale0[:, None]
         chunks = chunk_view(normalised)
         levels = torch.zeros(chunks.shape[0], dtype=torch.int64)
@@ -224,20 +221,19 @@ class NeuralCodec(LatentCodec):
         """Calibrated ``neural``: LDLQ over the columns, each column's chunks coded by the encoder network at
         the column's importance level (the quality embedding), rate-controlled on the record's real bytes; the
         row scales are refit in the ``H`` metric and may still be tuned (``CalibratedLatent``)."""
-        from nwcfmt.encoders.ldlq import column_order, ldlq
+        from nwcfmt.encoders.ldlq import column_order, ldlq, ordered_upper
         from nwcfmt.neural.weights import load_codec
 
-        self.check_input(tensor)
         net = load_codec()
-        rows, cols = matrix_shape(tuple(tensor.shape))
-        weight = tensor.detach().to(torch.float32).reshape(rows, cols)
-        scale0 = ecsq.row_rms(weight, self.scale_dtype)
+        weight, scale0 = self.rows_and_scales(tensor)
+        rows, cols = weight.shape
         normalised = weight / scale0[:, None]
+        order = column_order(hessian, options.act_order)
+        upper = ordered_upper(hessian, order, options.percdamp) if options.feedback else None
         col_levels = ecsq.importance_levels(torch.diagonal(hessian).to(torch.float64), options.levels)
         stored_levels = col_levels.to(torch.uint8).numpy() if options.levels > 1 else None
         blocks = math.ceil(rows / arch.CHUNK)
         padded = blocks * arch.CHUNK
-        order = column_order(hessian, options.act_order)
         net_share = net_bytes() / self.claims(ctx)
 
         def sweep(step: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +255,7 @@ class NeuralCodec(LatentCodec):
 
             if options.feedback:
                 result = ldlq(normalised, hessian, quantize_columns, order=order, group=options.group,
-                              percdamp=options.percdamp)  # fmt: skip
+                              percdamp=options.percdamp, upper=upper)  # fmt: skip
                 decoded = result.decoded
             else:
                 decoded = quantize_columns(torch.arange(cols), normalised.T).T.contiguous()

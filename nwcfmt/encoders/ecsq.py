@@ -169,10 +169,12 @@ def ldlq_quantize(
     order: torch.Tensor | None = None,
     group: int = 1,
     percdamp: float = 0.01,
+    upper: torch.Tensor | None = None,
 ) -> EcsqResult:
     """Calibrated ECSQ of ``weight`` ``[rows, cols]`` at ``step``: ``steps_of(step)`` gives each level's step,
     ``levels`` each column's level; ``scale`` the stored row scales (``weight / scale`` is coded). With
-    ``feedback`` the columns are rounded by LDLQ through ``hessian`` (else each to its nearest latent)."""
+    ``feedback`` the columns are rounded by LDLQ through ``hessian`` (else each to its nearest latent); ``upper``
+    is the feedback's factor (:func:`nwcfmt.encoders.ldlq.ordered_upper`) when the caller has it."""
     from nwcfmt.encoders.ldlq import ldlq
 
     normalised = weight / scale[:, None]
@@ -191,7 +193,7 @@ def ldlq_quantize(
         return recon[levels[js][:, None], k]
 
     if feedback:
-        ldlq(normalised, hessian, quantize_columns, order=order, group=group, percdamp=percdamp)
+        ldlq(normalised, hessian, quantize_columns, order=order, group=group, percdamp=percdamp, upper=upper)
     else:
         quantize_columns(torch.arange(cols), normalised.T)
     used_lo, used_hi = int(q.min()), int(q.max())

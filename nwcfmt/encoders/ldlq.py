@@ -41,17 +41,27 @@ def column_order(hessian: torch.Tensor, act_order: bool) -> torch.Tensor:
     return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
 
 
-def column_importance(hessian: torch.Tensor, order: torch.Tensor, options) -> torch.Tensor:
-    """fp64 ``[cols]``: how much a unit error in each column costs. Without feedback ``diag(H)``; with LDLQ the
-    diagonal of ``H``'s LDL factorisation in the feedback order, ``1 / U[j, j]^2`` (the error left in a column
-    after the earlier columns' feedback), which is what each column's rounding error actually costs."""
-    if not options.feedback or options.importance == "hdiag":
-        return torch.diagonal(hessian).to(torch.float64).clone()
+def ordered_upper(hessian: torch.Tensor, order: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP) -> torch.Tensor:
+    """The upper Cholesky factor ``U`` of the damped ``H^-1`` with rows and columns in ``order``: what the
+    feedback runs on. Computed once per weight and reused by every rate-control try."""
     h = hessian.detach().to(torch.float64)
     h = ((h + h.T) / 2)[order][:, order]
-    upper = damped_inverse_cholesky(h, options.percdamp).upper.to(torch.float64)
-    d = torch.empty(h.shape[0], dtype=torch.float64)
-    d[order] = 1.0 / torch.diagonal(upper).square()
+    return damped_inverse_cholesky(h, percdamp).upper
+
+
+def column_importance(
+    hessian: torch.Tensor, order: torch.Tensor, options, upper: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp64 ``[cols]``: how much a unit error in each column costs. Without feedback ``diag(H)``; with LDLQ the
+    diagonal of ``H``'s LDL factorisation in the feedback order, ``1 / U[j, j]^2`` (the error left in a column
+    after the earlier columns' feedback), which is what each column's rounding error actually costs. ``upper``
+    is :func:`ordered_upper`'s factor when the caller has it."""
+    if not options.feedback or options.importance == "hdiag":
+        return torch.diagonal(hessian).to(torch.float64).clone()
+    if upper is None:
+        upper = ordered_upper(hessian, order, options.percdamp)
+    d = torch.empty(hessian.shape[0], dtype=torch.float64)
+    d[order] = 1.0 / torch.diagonal(upper).to(torch.float64).square()
     return d
 
 
@@ -64,6 +74,7 @@ def ldlq(
     group: int = 1,
     block_size: int = 128,
     percdamp: float = DEFAULT_PERCDAMP,
+    upper: torch.Tensor | None = None,
 ) -> LdlqResult:
     """Quantize ``weight`` ``[rows, cols]`` ``group`` columns at a time with error feedback through ``hessian``.
 
@@ -72,6 +83,7 @@ def ldlq(
     QuIP#) the columns of a group are quantized together from the same targets, and their errors still reach
     the later columns exactly: ``e = U_BB^-T (w_B - q_B)`` replaces ``(w_j - q_j) / U_jj``. Columns with a
     zero Hessian diagonal (inputs that never fire) still get quantized, with no feedback from them.
+    ``upper``: :func:`ordered_upper` for this ``order`` and ``percdamp``, when the caller already has it.
     """
     rows, cols = weight.shape
     if tuple(hessian.shape) != (cols, cols):
@@ -79,9 +91,8 @@ def ldlq(
     if block_size < 1 or group < 1:
         raise EncodeError("ldlq: block_size and group must be >= 1")
     order = torch.arange(cols) if order is None else order
-    h = hessian.detach().to(torch.float64)
-    h = ((h + h.T) / 2)[order][:, order]
-    upper = damped_inverse_cholesky(h, percdamp).upper
+    if upper is None:
+        upper = ordered_upper(hessian, order, percdamp)
     w_t = weight.detach().to(torch.float32)[:, order].T.contiguous()  # [cols, rows]: a column is a row here
     decoded_t = torch.empty_like(w_t)
     targets_t = torch.empty_like(w_t)
