@@ -147,9 +147,10 @@ def _quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-def _load_model(src: Path) -> tuple[torch.nn.Module, BlockLayout, Any]:
-    """The model in fp32 on the CPU, its block layout and its tokenizer; refuses unsupported architectures."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _supported_config(src: Path) -> Any:
+    """The folder's transformers config, once its architecture is known to run block by block (checked on a
+    ``meta`` model, before any weight is read); :class:`InputError` or :class:`UnsupportedError` otherwise."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(src, local_files_only=True)
@@ -160,10 +161,19 @@ def _load_model(src: Path) -> tuple[torch.nn.Module, BlockLayout, Any]:
     with _quiet_transformers():
         try:
             with torch.device("meta"):
-                find_layout(AutoModelForCausalLM.from_config(config))  # refuse before loading any weight
+                find_layout(AutoModelForCausalLM.from_config(config))
         except ValueError:
             message = f"{arch}: transformers has no causal LM class for it; calibrated codecs support {SUPPORTED}"
             raise UnsupportedError(message) from None
+    return config
+
+
+def _load_model(src: Path) -> tuple[torch.nn.Module, BlockLayout, Any]:
+    """The model in fp32 on the CPU, its block layout and its tokenizer; refuses unsupported architectures."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _supported_config(src)  # refuse before loading any weight
+    with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
     model.eval()
     try:
@@ -179,18 +189,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 def calibration_unavailable(src: Path) -> str | None:
     """Why ``src`` cannot be calibrated (not a model folder, no tokenizer, an unsupported architecture), or
     None when it can: lets codecs whose calibration is optional fall back to their data-free encoder."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if not (src.is_dir() and (src / "config.json").is_file()):
         return f"{src} is not a model folder with config.json"
     if not any((src / name).is_file() for name in TOKENIZER_FILES):
         return f"{src} has no tokenizer"
     try:
-        config = AutoConfig.from_pretrained(src, local_files_only=True)
-        refuse_config(config)
-        with _quiet_transformers(), torch.device("meta"):
-            find_layout(AutoModelForCausalLM.from_config(config))
-    except (OSError, ValueError, KeyError, NwcError) as exc:
+        _supported_config(src)
+    except NwcError as exc:
         return f"{src} cannot be calibrated ({str(exc).splitlines()[0][:160]})"
     return None
 
