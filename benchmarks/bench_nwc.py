@@ -1,13 +1,16 @@
-"""The NWC codecs (``ecsq``, ``neural``), data-free: rate-distortion on Gaussian rows, SmolLM2 perplexity and
-MiniLM cosine against measured bits per weight beside rtn and HQQ, and speed.
+"""The NWC codecs (``ecsq``, ``neural``), data-free and calibrated (``cal-ecsq``, ``cal-neural``): rate-distortion
+on Gaussian rows, SmolLM2 perplexity and MiniLM cosine against measured bits per weight beside rtn and HQQ (and
+bench_calibrated.py's gptq, flexround, lrq rows in the plot), encode time and peak memory, and speed.
 
     python benchmarks/bench_nwc.py gaussian                    # RD on Gaussian rows vs D(R) and ECSQ theory (~1 min)
     python benchmarks/bench_nwc.py smollm2 [--bits 2.5 3 3.5 4 5] [--codecs ecsq neural rtn rtn-clip hqq]
     python benchmarks/bench_nwc.py minilm  [--bits ...]        # embedding cosine against the fp32 original
     python benchmarks/bench_nwc.py speed                       # encode, CPU decode, entropy stage vs constriction
     python benchmarks/bench_nwc.py smollm2 --codecs ecsq:refit=false --bits 2.5 4   # an ablation: codec:k=v,...
+    python benchmarks/bench_nwc.py smollm2 --codecs cal-neural:finetune=false --bits 3.25 --keep /tmp/kept
     python benchmarks/bench_nwc.py report --plot rd.png        # tables (markdown) and the RD plot
 
+Each model encode runs in a fresh process (its peak anonymous memory sampled every 0.2 s, and its peak RSS).
 Rows go to ``benchmarks/results/nwc.json`` (``--json``) as they are measured; a row already there for the same
 protocol is kept (``--fresh`` re-measures). Bits per weight are file bytes over the encoded Linear weights
 (``nwc info``'s figure: every segment, shared decoder weights amortised), for every codec; rtn and HQQ are at
@@ -139,6 +142,50 @@ def split_codec(codec: str) -> tuple[str, dict]:
     return name, params
 
 
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _anon_kb() -> int:
+    return _status_kb("RssAnon")
+
+
+def _encode_child(src: str, dst: str, codec: str, bits: float, queue) -> None:
+    import threading
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    peak = [_anon_kb()]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            peak[0] = max(peak[0], _anon_kb())
+
+    threading.Thread(target=watch, daemon=True).start()
+    seconds = encode_folder(Path(src), Path(dst), codec, bits)
+    done.set()
+    peak[0] = max(peak[0], _anon_kb())
+    queue.put((seconds, peak[0] / 1024, _status_kb("VmHWM") / 1024))
+
+
+def encode_measured(src: Path, dst: Path, codec: str, bits: float) -> tuple[float, float, float]:
+    """Encode in a fresh process: (seconds, peak anonymous memory in MB sampled every 0.2 s, peak RSS in MB
+    (``VmHWM``: bench_calibrated's figure, which also counts mapped file pages))."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_encode_child, args=(str(src), str(dst), codec, bits, queue))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"encode of {codec} at {bits} failed (exit {child.exitcode})")
+    return queue.get()
+
+
 def encode_folder(src: Path, dst: Path, codec: str, bits: float) -> float:
     from nwcfmt.convert import encode_model
     from nwcfmt.policy import Policy
@@ -188,13 +235,14 @@ def run_models(args, model: str) -> None:
                 key = f"{model}/{codec}/{bits}"
                 if have(args.json, key, args.fresh):
                     continue
-                folder = Path(tmp) / f"{codec}-{bits}"
+                folder = (args.keep or Path(tmp)) / f"{model}-{codec}-{bits}".replace(":", "_").replace(",", "_")
+                peak_anon_mb = peak_rss_mb = None
                 if codec == "hqq":
                     stats = quantize_hqq(src, folder, int(bits), 128)
                     encode_s, bits_linear = stats["quantize_s"], stats["bits_per_weight"]
                     rec = evaluate_folder(folder, text=text, **kwargs)
                 else:
-                    encode_s = encode_folder(src, folder, codec, bits)
+                    encode_s, peak_anon_mb, peak_rss_mb = encode_measured(src, folder, codec, bits)
                     rec = evaluate_folder(folder, text=text, **kwargs)
                     bits_linear = rec.bits_linear
                 row = {
@@ -206,6 +254,8 @@ def run_models(args, model: str) -> None:
                     "metric": rec.metric,
                     "value": rec.value,
                     "encode_s": encode_s,
+                    "encode_peak_anon_mb": peak_anon_mb,
+                    "encode_peak_rss_mb": peak_rss_mb,
                     "load_s": rec.load_seconds,
                     "windows": args.windows if model == "smollm2" else None,
                     "machine": machine(),
@@ -213,7 +263,8 @@ def run_models(args, model: str) -> None:
                 save_row(args.json, row)
                 print(f"{model} {codec} {bits}: {rec.metric} {rec.value:.4f} at {bits_linear:.4f} bits/w "
                       f"(encode {encode_s:.1f} s)", flush=True)  # fmt: skip
-                shutil.rmtree(folder, ignore_errors=True)
+                if args.keep is None:
+                    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ speed
@@ -298,6 +349,18 @@ def run_speed(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ report
+def calibrated_peers(path: Path, methods: tuple[str, ...] = ("gptq", "flexround", "lrq", "hqq")) -> dict:
+    """bench_calibrated.py's rows (same perplexity protocol): "method grouping" -> [(bits per weight, ppl)]."""
+    if not path.exists():
+        return {}
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in json.loads(path.read_text())["rows"]:
+        if r["method"] in methods and r["status"] == "ok" and r["ppl"] < 200:  # keep the axis readable
+            grouping = "g128" if r["config"].endswith("g128") else "per channel"
+            out.setdefault(f"{r['method']} {grouping}", []).append((r["bits_linear"], r["ppl"]))
+    return out
+
+
 def run_report(args) -> None:
     rows = load_results(args.json)["rows"]
     for section in ("gaussian", "smollm2", "minilm"):
@@ -312,10 +375,13 @@ def run_report(args) -> None:
                 print(f"| {r['codec']} | {r['bits_target']} | {r['bits']:.4f} | {r['mse']:.4e} | {r['shannon_mse']:.4e}"
                       f" | {r['ecsq_theory_mse']:.4e} | {-r['gap_to_shannon_bits']:.3f} |")  # fmt: skip
         else:
-            print("| codec | target | bits/w | metric | encode s |\n|---|---|---|---|---|")
+            print("| codec | target | bits/w | metric | encode s | peak anon / RSS MB |\n|---|---|---|---|---|---|")
             for r in sel:
                 enc = f"{r['encode_s']:.1f}" if "encode_s" in r else ""
-                print(f"| {r['codec']} | {r.get('bits_target', '')} | {r['bits']:.3f} | {r['value']:.4f} | {enc} |")
+                mem = r.get("encode_peak_anon_mb")
+                mem = f"{mem:.0f} / {r.get('encode_peak_rss_mb') or 0:.0f}" if mem else ""
+                print(f"| {r['codec']} | {r.get('bits_target', '')} | {r['bits']:.3f} | {r['value']:.4f} | {enc} "
+                      f"| {mem} |")  # fmt: skip
     if args.plot:
         import matplotlib
 
@@ -328,7 +394,12 @@ def run_report(args) -> None:
             for codec in sorted({r["codec"] for r in sel}):
                 pts = sorted((r["bits"], r["mse"] if section == "gaussian" else r["value"]) for r in sel
                              if r["codec"] == codec)  # fmt: skip
-                ax.plot(*zip(*pts, strict=True), marker="o", label=codec)
+                style = {"marker": "o"} if len(pts) > 1 else {"marker": "x", "linestyle": "none"}  # ablations
+                ax.plot(*zip(*pts, strict=True), label=codec, **style)
+            if section == "smollm2":
+                for method, pts in calibrated_peers(args.json.parent / "calibrated-smollm2.json").items():
+                    dash = "--" if method.endswith("g128") else ":"
+                    ax.plot(*zip(*sorted(pts), strict=True), marker="s", linestyle=dash, label=method)
             if section == "gaussian" and sel:
                 xs = np.linspace(1.8, 6.2, 50)
                 ax.plot(xs, 2.0 ** (-2 * xs), "k--", label="D(R)")
@@ -338,6 +409,7 @@ def run_report(args) -> None:
             elif section == "smollm2":
                 ax.set_yscale("log")
                 ax.set_ylabel("perplexity (nwc eval)")
+                ax.set_ylim(20, 150)  # rtn 2-bit (7e6) and HQQ 3-bit (554) are off the chart
                 fp = [r["value"] for r in rows if r["key"] == "smollm2/fp"]
                 if fp:
                     ax.axhline(fp[0], color="gray", lw=0.8, label="fp32")
@@ -345,7 +417,7 @@ def run_report(args) -> None:
                 ax.set_ylabel("mean cosine vs fp32")
             ax.set_xlabel("bits per weight (file bytes)")
             ax.set_title(section)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
         print(f"\nplot: {args.plot}")
@@ -360,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the encoded folders here (for nwc verify)")
     args = parser.parse_args(argv)
     if args.bits is None:
         args.bits = [2.0, 3.0, 4.0, 5.0, 6.0] if args.section == "gaussian" else [2.5, 3.0, 3.5, 4.0, 5.0]
