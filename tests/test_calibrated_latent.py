@@ -54,7 +54,7 @@ def smollm2_block():
     with torch.no_grad():
         held_out = [run_block(block, x, held.kwargs[LAYER]) for x in held_in]
     kwargs = calib.kwargs[LAYER]
-    data_ = BlockData(LAYER, calib_in, kwargs, calib_out, collector.hessians(), collector.rows, linears_total=210)
+    data_ = BlockData(LAYER, calib_in, kwargs, calib_out, collector.hessians(), collector.rows, shared_claims=210)
     held_data = BlockData(LAYER, held_in, held.kwargs[LAYER], held_out, {}, 0)
     return block, linears, data_, held_data
 
@@ -184,3 +184,35 @@ def test_cli_data_free_when_asked_or_when_calibration_is_impossible(llama_with_t
     assert "calibration" not in config or not config["calibration"]
     fallback = run_nwc("encode", tiny_llama_dir, "-o", tmp_path / "fb", "--codec", "ecsq", "--bits", 3)
     assert "has no tokenizer: encoding ecsq data-free" in fallback.stderr
+
+
+def test_cli_calibrates_an_encoder_and_codes_its_pooler_data_free(calib_file, tmp_path):
+    """BERT calibrates block by block; its pooler (a Linear outside the blocks) is coded by ``ecsq`` data-free,
+    not left raw, so ``--bits`` holds over every Linear; the folder loads with ``AutoModel``."""
+    from test_calibration import _tokenizer_files
+    from transformers import AutoModel, BertConfig, BertModel
+
+    import nwcfmt  # noqa: F401
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    _tokenizer_files(tmp_path / "bert")
+    out, plain = tmp_path / "cal", tmp_path / "plain"
+    calib = ["--calib", calib_file, "--calib-samples", 8, "--calib-seqlen", 32]
+    result = run_nwc("encode", tmp_path / "bert", "-o", out, "--codec", "ecsq", "--bits", 3, "-q", *calib,
+                     "--param", "finetune=false")  # fmt: skip
+    assert "data-free" not in result.stderr
+    info = json.loads(run_nwc("info", out, "--json").stdout)
+    tensors = {t["name"]: t for t in info["tensors"]}
+    assert tensors["encoder.layer.1.output.dense.weight"]["details"]["levels"] == 4  # calibrated
+    assert tensors["pooler.dense.weight"]["codec"] == "ecsq"  # data-free: one level
+    assert tensors["pooler.dense.weight"]["details"]["levels"] == 1
+    assert sum(t["codec"] == "ecsq" for t in tensors.values()) == 2 * 6 + 1
+    assert info["totals"]["encoded_bits_per_weight"] <= 3.0
+    run_nwc("decode", out, "-o", plain, "-q")
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(AutoModel.from_pretrained(out)(ids).last_hidden_state,
+                           AutoModel.from_pretrained(plain)(ids).last_hidden_state)  # fmt: skip

@@ -1,14 +1,15 @@
-"""Decoder blocks of a transformers causal LM: finding them, capturing their inputs, running them one at a time.
+"""Transformer blocks of a transformers model: finding them, capturing their inputs, running them one at a time.
 
-Supported layouts (decoder-only models whose blocks hold their weights in ``nn.Linear`` modules):
+Supported layouts (models whose blocks hold their weights in ``nn.Linear`` modules):
 
 - ``model.model.layers``: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text), Phi-3 and the like;
-- ``model.transformer.h``: GPT-Neo, GPT-J, GPT-BigCode, Falcon, BLOOM and the like.
+- ``model.transformer.h``: GPT-Neo, GPT-J, GPT-BigCode, Falcon, BLOOM and the like;
+- ``model.encoder.layer``: encoder-only models loaded with ``AutoModel`` (BERT, RoBERTa, MiniLM, ...).
 
 GPT-2 itself is refused: its ``Conv1D`` weights are stored ``[in, out]``, so the shared quantized layout (groups
 along each stored row) would group along output channels, not along the inputs the Hessian describes.
-Encoder-only and encoder-decoder models, and blocks with weights outside ``nn.Linear`` (fused MoE experts,
-convolutions) are refused with :class:`~nwcfmt.errors.UnsupportedError`.
+Encoder-decoder models, and blocks with weights outside ``nn.Linear`` (fused MoE experts, convolutions) are
+refused with :class:`~nwcfmt.errors.UnsupportedError`.
 
 Block inputs are captured by running the model's pre-block part (embeddings, rotary tables, masks) with the
 blocks' ``forward`` temporarily replaced by recorders: the hidden states reaching block 0 are kept for every
@@ -17,6 +18,7 @@ batch, and each block's keyword arguments (attention mask, position embeddings, 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -26,21 +28,24 @@ import torch
 
 from nwcfmt.errors import UnsupportedError
 
-LAYOUTS = (("model", "layers"), ("transformer", "h"))
+# (the module that embeds tokens and runs the blocks, the block list within it); "" is the model itself
+LAYOUTS = (("model", "layers"), ("transformer", "h"), ("", "encoder.layer"))
 SUPPORTED = (
-    "decoder-only transformers causal LMs with nn.Linear blocks under model.layers (Llama, Mistral, Qwen2, "
-    "Qwen3, Gemma, Gemma2, Phi-3, ...) or transformer.h (GPT-Neo, GPT-J, GPT-BigCode, Falcon, ...)"
+    "transformers causal LMs with nn.Linear blocks under model.layers (Llama, Mistral, Qwen2, "
+    "Qwen3, Gemma, Gemma2, Phi-3, ...) or transformer.h (GPT-Neo, GPT-J, GPT-BigCode, Falcon, ...), "
+    "and encoders under encoder.layer (BERT, RoBERTa, MiniLM, ...)"
 )
 Kwargs = dict[str, Any]
 
 
 @dataclass
 class BlockLayout:
-    """Where the decoder blocks of a model live."""
+    """Where the transformer blocks of a model live."""
 
-    base: torch.nn.Module  # the module that embeds tokens and runs the blocks (LlamaModel, GPT-Neo's transformer)
+    base: torch.nn.Module  # the module that embeds tokens and runs the blocks (LlamaModel, GPT-Neo's transformer,
+    # a BertModel itself)
     blocks: torch.nn.ModuleList
-    prefix: str  # qualified name of the block list in the full model, e.g. "model.layers"
+    prefix: str  # qualified name of the block list in the full model, e.g. "model.layers", "encoder.layer"
 
     def block_name(self, index: int) -> str:
         return f"{self.prefix}.{index}"
@@ -53,7 +58,7 @@ def architecture(model: torch.nn.Module) -> str:
 
 
 def refuse_config(config: Any) -> None:
-    """Refuse configs that cannot be a decoder-only causal LM, before any weight is loaded."""
+    """Refuse encoder-decoder configs (two stacks of blocks and cross-attention), before any weight is loaded."""
     arch = (getattr(config, "architectures", None) or ["?"])[0]
     model_type = getattr(config, "model_type", "?")
     if getattr(config, "is_encoder_decoder", False):
@@ -65,14 +70,16 @@ def refuse_config(config: Any) -> None:
 def find_layout(model: torch.nn.Module) -> BlockLayout:
     """The block list of a supported model; :class:`UnsupportedError` naming the architecture otherwise."""
     for base_name, list_name in LAYOUTS:
-        base = getattr(model, base_name, None)
-        blocks = getattr(base, list_name, None) if base is not None else None
+        base = getattr(model, base_name, None) if base_name else model
+        blocks = base
+        for attr in list_name.split("."):
+            blocks = getattr(blocks, attr, None) if blocks is not None else None
         if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
-            layout = BlockLayout(base, blocks, f"{base_name}.{list_name}")
+            layout = BlockLayout(base, blocks, f"{base_name}.{list_name}" if base_name else list_name)
             for block in blocks:
                 check_block(block, model)
             return layout
-    raise UnsupportedError(f"{architecture(model)}: no decoder block list found; calibrated codecs support {SUPPORTED}")
+    raise UnsupportedError(f"{architecture(model)}: no block list found; calibrated codecs support {SUPPORTED}")
 
 
 def check_block(block: torch.nn.Module, model: torch.nn.Module) -> None:
@@ -122,13 +129,21 @@ class CapturedInputs:
     kwargs: list[Kwargs] = field(default_factory=list)  # per block
 
 
-def _split_hidden(args: tuple, kwargs: Kwargs) -> tuple[torch.Tensor, Kwargs]:
+def _split_hidden(block: torch.nn.Module, args: tuple, kwargs: Kwargs) -> tuple[torch.Tensor, Kwargs]:
+    """A block call's hidden states and its other arguments by name (BERT's encoder passes the attention mask
+    positionally; the pipeline calls blocks with keywords)."""
     kwargs = dict(kwargs)
-    if args:
-        if len(args) > 1:
-            raise UnsupportedError(f"decoder blocks called with {len(args)} positional arguments are not supported")
-        return args[0], kwargs
-    return kwargs.pop("hidden_states"), kwargs
+    if not args:
+        return kwargs.pop("hidden_states"), kwargs
+    names = [
+        p.name
+        for p in list(inspect.signature(type(block).forward).parameters.values())[1:]  # after self
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(args) > max(1, len(names)) or any(n in kwargs for n in names[1 : len(args)]):
+        raise UnsupportedError(f"blocks called with {len(args)} positional arguments are not supported")
+    kwargs.update(zip(names[1:], args[1:], strict=False))
+    return args[0], kwargs
 
 
 @contextmanager
@@ -149,7 +164,7 @@ def _returns_tuple(layout: BlockLayout, batch: torch.Tensor) -> bool:
 
     def stop_at_first(i: int) -> Callable:
         def forward(*args, **kwargs):
-            first.append(_split_hidden(args, kwargs))
+            first.append(_split_hidden(layout.blocks[i], args, kwargs))
             raise _Stop
 
         return forward
@@ -157,7 +172,7 @@ def _returns_tuple(layout: BlockLayout, batch: torch.Tensor) -> bool:
     with _patched_forwards(layout.blocks, stop_at_first), suppress(_Stop):
         layout.base(input_ids=batch, use_cache=False)
     if not first:
-        raise UnsupportedError("the model's forward never reached its first decoder block")
+        raise UnsupportedError("the model's forward never reached its first block")
     x, kwargs = first[0]
     return isinstance(layout.blocks[0](x, **kwargs), (tuple, list))
 
@@ -173,7 +188,7 @@ def capture_inputs(layout: BlockLayout, batches: list[torch.Tensor]) -> Captured
 
         def identity(i: int) -> Callable:
             def forward(*args, **kwargs):
-                x, rest = _split_hidden(args, kwargs)
+                x, rest = _split_hidden(layout.blocks[i], args, kwargs)
                 if i == 0:
                     captured.inputs.append(x.detach())
                 if len(captured.inputs) == 1:

@@ -46,7 +46,7 @@ class BlockData:
     targets: list[torch.Tensor] | None  # full-precision block outputs for ``inputs`` (when requested)
     hessians: dict[str, torch.Tensor]  # Linear name within the block -> H = 2/N sum x x^T, fp32 [cols, cols]
     tokens: int = 0  # N, the number of input rows behind each Hessian
-    linears_total: int = 0  # Linears the pipeline encodes with this codec in the whole model (shares of a file)
+    shared_claims: int = 0  # records of this codec in the whole output (shared segments are amortised over them)
 
 
 class BlockQuantizer(Protocol):

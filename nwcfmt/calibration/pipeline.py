@@ -29,9 +29,10 @@ discards the old state. The state folder is deleted once the output is written.
 
 Blocks' Linears are selected through the policy: a Linear whose weight the policy gives to the encoder's codec
 is calibrated; others (``--exclude``, rules for other codecs) keep their full-precision weights during
-calibration and are encoded by the policy. Tensors outside the blocks follow the policy too, except that those
-it gives to the calibrated codec are stored raw (nothing calibrates them; e.g. GPT-Neo's ``wte``/``wpe``, which
-the default keep-raw globs do not name).
+calibration and are encoded by the policy. Tensors outside the blocks follow the policy too; those it gives to
+the calibrated codec (BERT's pooler, an untied ``lm_head``, GPT-Neo's ``wte``/``wpe``, which the default keep-raw
+globs do not name) have nothing to calibrate them: codecs with a data-free encoder (``ecsq``, ``neural``) code
+them data-free, the others store them raw.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from nwcfmt.calibration.blocks import (
 from nwcfmt.calibration.data import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_batches
 from nwcfmt.calibration.hessian import HessianCollector
 from nwcfmt.calibration.method import BlockData, BlockQuantizer, LinearResult
-from nwcfmt.codecs.base import Codec, EncodedTensor
+from nwcfmt.codecs.base import Codec, EncodeContext, EncodedTensor
 from nwcfmt.container.writer import check_encoded, decode_encoded, encode_tensor
 from nwcfmt.convert import ConversionReport, Progress, encode_model
 from nwcfmt.errors import EncodeError, InputError, NwcError, UnsupportedError
@@ -147,10 +148,21 @@ def _quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def _auto_class(config: Any):
+    """``AutoModel`` for an encoder (``config.architectures`` names no causal LM, as ``nwc eval`` decides),
+    else ``AutoModelForCausalLM``."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from nwcfmt.eval.loading import model_kind
+
+    encoder = bool(getattr(config, "architectures", None)) and model_kind(config) == "encoder"
+    return AutoModel if encoder else AutoModelForCausalLM
+
+
 def _supported_config(src: Path) -> Any:
     """The folder's transformers config, once its architecture is known to run block by block (checked on a
     ``meta`` model, before any weight is read); :class:`InputError` or :class:`UnsupportedError` otherwise."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(src, local_files_only=True)
@@ -161,20 +173,20 @@ def _supported_config(src: Path) -> Any:
     with _quiet_transformers():
         try:
             with torch.device("meta"):
-                find_layout(AutoModelForCausalLM.from_config(config))
+                find_layout(_auto_class(config).from_config(config))
         except ValueError:
-            message = f"{arch}: transformers has no causal LM class for it; calibrated codecs support {SUPPORTED}"
+            message = f"{arch}: transformers has no model class for it; calibrated codecs support {SUPPORTED}"
             raise UnsupportedError(message) from None
     return config
 
 
 def _load_model(src: Path) -> tuple[torch.nn.Module, BlockLayout, Any]:
     """The model in fp32 on the CPU, its block layout and its tokenizer; refuses unsupported architectures."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    _supported_config(src)  # refuse before loading any weight
+    config = _supported_config(src)  # refuse before loading any weight
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
+        model = _auto_class(config).from_pretrained(src, dtype=torch.float32, local_files_only=True)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
@@ -396,7 +408,7 @@ def _quantize(
     targets: list[_Target],
     quantizer: BlockQuantizer,
     seed: int,
-    linears_total: int = 0,
+    shared_claims: int = 0,
 ) -> dict[str, LinearResult]:
     linears = {t.name: t.linear for t in targets}
     with torch.no_grad(), HessianCollector(linears) as collector:
@@ -408,7 +420,7 @@ def _quantize(
         targets=outputs if quantizer.needs_targets else None,
         hessians=collector.hessians(),
         tokens=collector.rows,
-        linears_total=linears_total,
+        shared_claims=shared_claims,
     )
     del outputs
     with torch.random.fork_rng(devices=[]):
@@ -441,15 +453,25 @@ class _SavedResults:
         return self._block[1][name][0]
 
 
-def _encoder(saved: _SavedResults, quantizer: BlockQuantizer, policy: Policy):
+def _claims(source: WeightSource, policy: Policy, codec: Codec) -> int:
+    """How many records of the output the calibrated codec writes (its shared segments are amortised over them)."""
+    return sum(policy.choose(name, source.meta(name)).codec_id == codec.codec_id for name in source.names)
+
+
+def _encoder(saved: _SavedResults, quantizer: BlockQuantizer, policy: Policy, claims: int):
     codec = quantizer.codec
 
     def encode(name: str, tensor: torch.Tensor) -> tuple[Codec, EncodedTensor]:
         encoded = saved.get(name)
         if encoded is None:
             chosen = policy.choose(name, tensor)
-            outside = chosen.codec_id == codec.codec_id  # not a block Linear: nothing to calibrate it with
-            return encode_tensor(name, tensor, "raw" if outside else chosen)
+            if chosen.codec_id != codec.codec_id:
+                return encode_tensor(name, tensor, chosen)
+            # not a block Linear (BERT's pooler, an untied lm_head): nothing calibrates it, so a codec with a
+            # data-free encoder codes it data-free and the others store it raw
+            if getattr(codec, "calibration_optional", False) and codec.supports(tensor):
+                return encode_tensor(name, tensor, chosen, EncodeContext(name=name, shared_claims=claims))
+            return encode_tensor(name, tensor, "raw")
         return codec, encoded
 
     return encode
@@ -495,6 +517,7 @@ def encode_calibrated(
     model, layout, tokenizer = _load_model(src)
     source = WeightSource.open(src)
     targets = _targets(model, layout, source, policy, quantizer)
+    claims = _claims(source, policy, codec)
     fingerprint = {
         "src": str(src.absolute()),
         "files": _source_fingerprint(src),
@@ -509,7 +532,16 @@ def encode_calibrated(
     captured = capture_inputs(layout, batches)
     try:
         _run_blocks(
-            layout, captured, targets, quantizer, state, calib.seed, start, progress, _stop_after(stop_after_blocks)
+            layout,
+            captured,
+            targets,
+            quantizer,
+            state,
+            calib.seed,
+            start,
+            progress,
+            _stop_after(stop_after_blocks),
+            claims,
         )
     except BaseException:
         if state.finished() == 0:  # nothing worth resuming
@@ -534,7 +566,7 @@ def encode_calibrated(
         overwrite=overwrite,
         progress=write_progress,
         base_model=base_model,
-        encoder=_encoder(saved, quantizer, policy),
+        encoder=_encoder(saved, quantizer, policy, claims),
         calibration=info,
     )
     state.remove()
@@ -552,8 +584,10 @@ def _run_blocks(
     start: float,
     progress: BlockProgress | None,
     stop_after: int | None,
+    claims: int = 0,
 ) -> None:
-    """Quantize (or reload) every block in order, saving each block's results in ``state``."""
+    """Quantize (or reload) every block in order, saving each block's results in ``state``; ``claims``: the
+    calibrated codec's records in the output (for shared segments)."""
     total, saved = len(layout.blocks), state.finished()
     inputs = captured.inputs
     times: list[float] = []
@@ -566,8 +600,7 @@ def _run_blocks(
             results = state.load(i, targets[i], quantizer.codec)
             check_results(results, targets[i], quantizer)
         else:
-            n_total = sum(len(block_targets) for block_targets in targets)
-            results = _quantize(block, i, inputs, kwargs, targets[i], quantizer, seed, n_total) if targets[i] else {}
+            results = _quantize(block, i, inputs, kwargs, targets[i], quantizer, seed, claims) if targets[i] else {}
             state.save(i, results)
         _apply(results, targets[i])
         with torch.no_grad():

@@ -60,7 +60,7 @@ class LatentMethod:
             if name not in data.hessians:
                 raise EncodeError(f"{self.codec.codec_id}: block {data.index} has no Hessian for {name!r}")
             weight, hessian = linear.weight.detach(), data.hessians[name]
-            ctx = EncodeContext(name=name, shared_claims=data.linears_total)
+            ctx = EncodeContext(name=name, shared_claims=data.shared_claims)
             draft = self.codec.encode_with_hessian(weight, hessian, self.codec.calibration, ctx)
             ref = layer_loss(weight, torch.zeros_like(weight), hessian)
             loss = layer_loss(weight, draft.values * draft.scale[:, None], hessian)
