@@ -401,7 +401,8 @@ def test_encoder_blocks_calibrate(text, tmp_path):
     _tokenizer_files(tmp_path / "bert")
     calib, quantizer = CalibOptions(text=text, samples=2, seqlen=24, batch_size=2), rtn_quantizer()
     report = encode_calibrated(tmp_path / "bert", tmp_path / "out", quantizer, calib=calib)
-    assert report.codecs["rtn"] == 3 * 6  # query, key, value, attention output, intermediate, output
+    # query, key, value, attention output, intermediate, output per block; the pooler (no block) data-free
+    assert report.codecs["rtn"] == 3 * 6 + 1
     loaded = load_for_eval(tmp_path / "out")
     assert loaded.kind == "encoder"
     (batch,) = calibration_batches(loaded.tokenizer, text, samples=2, seqlen=24, batch_size=2)
@@ -431,7 +432,8 @@ def test_gpt_neo_layout_works_gpt2_conv1d_refused(text, tmp_path):
     calib = CalibOptions(text=text, samples=4, seqlen=16, batch_size=4)
     quantizer = rtn_quantizer()
     report = encode_calibrated(tmp_path / "neo", tmp_path / "neo-out", quantizer, calib=calib)
-    assert report.codecs["rtn"] == 2 * 6  # q, k, v, out_proj, c_fc, c_proj per block; wte, wpe raw
+    # q, k, v, out_proj, c_fc, c_proj per block, and wte, wpe (outside the blocks: rtn, data-free)
+    assert report.codecs["rtn"] == 2 * 6 + 2
     GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_embd=32, n_layer=1, n_head=4)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(UnsupportedError, match=r"GPT2LMHeadModel \(gpt2\).*Conv1D"):
         encode_calibrated(tmp_path / "gpt2", tmp_path / "gpt2-out", rtn_quantizer(), calib=calib)

@@ -30,9 +30,9 @@ discards the old state. The state folder is deleted once the output is written.
 Blocks' Linears are selected through the policy: a Linear whose weight the policy gives to the encoder's codec
 is calibrated; others (``--exclude``, rules for other codecs) keep their full-precision weights during
 calibration and are encoded by the policy. Tensors outside the blocks follow the policy too; those it gives to
-the calibrated codec (BERT's pooler, an untied ``lm_head``, GPT-Neo's ``wte``/``wpe``, which the default keep-raw
-globs do not name) have nothing to calibrate them: codecs with a data-free encoder (``ecsq``, ``neural``) code
-them data-free, the others store them raw.
+the calibrated codec (BERT's pooler, GPT-Neo's ``wte``/``wpe``, which the default keep-raw globs do not name) have
+nothing to calibrate them and are coded data-free (:func:`data_free_codec`): ``ecsq`` and ``neural`` by their
+data-free encoders, ``gptq``, ``flexround`` and ``lrq`` by ``rtn`` in the same layout, so ``--bits`` covers them.
 """
 
 from __future__ import annotations
@@ -458,8 +458,23 @@ def _claims(source: WeightSource, policy: Policy, codec: Codec) -> int:
     return sum(policy.choose(name, source.meta(name)).codec_id == codec.codec_id for name in source.names)
 
 
+def data_free_codec(codec: Codec) -> Codec | None:
+    """What codes a tensor that the policy gives to a calibrated codec but that no block holds (BERT's pooler,
+    GPT-Neo's ``wte``): the codec's own data-free encoder (``ecsq``, ``neural``), ``rtn`` in the same
+    integer layout (``gptq``, ``flexround``, ``lrq``), or None (stored raw)."""
+    from nwcfmt.codecs.quant import GroupQuantCodec
+    from nwcfmt.codecs.rtn import RtnCodec
+
+    if getattr(codec, "calibration_optional", False):
+        return codec
+    if isinstance(codec, GroupQuantCodec):
+        return RtnCodec(**GroupQuantCodec.get_config(codec))
+    return None
+
+
 def _encoder(saved: _SavedResults, quantizer: BlockQuantizer, policy: Policy, claims: int):
     codec = quantizer.codec
+    fallback = data_free_codec(codec)
 
     def encode(name: str, tensor: torch.Tensor) -> tuple[Codec, EncodedTensor]:
         encoded = saved.get(name)
@@ -467,10 +482,8 @@ def _encoder(saved: _SavedResults, quantizer: BlockQuantizer, policy: Policy, cl
             chosen = policy.choose(name, tensor)
             if chosen.codec_id != codec.codec_id:
                 return encode_tensor(name, tensor, chosen)
-            # not a block Linear (BERT's pooler, an untied lm_head): nothing calibrates it, so a codec with a
-            # data-free encoder codes it data-free and the others store it raw
-            if getattr(codec, "calibration_optional", False) and codec.supports(tensor):
-                return encode_tensor(name, tensor, chosen, EncodeContext(name=name, shared_claims=claims))
+            if fallback is not None and fallback.supports(tensor):  # nothing calibrates it: coded data-free
+                return encode_tensor(name, tensor, fallback, EncodeContext(name=name, shared_claims=claims))
             return encode_tensor(name, tensor, "raw")
         return codec, encoded
 
