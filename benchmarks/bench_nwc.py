@@ -388,7 +388,7 @@ def run_report(args) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        fig, axes = plt.subplots(1, 3, figsize=(18, 6))
         for ax, section in zip(axes, ("gaussian", "smollm2", "minilm"), strict=True):
             sel = [r for r in rows if r["section"] == section and r["codec"] != "fp32"]
             for codec in sorted({r["codec"] for r in sel}):
@@ -409,7 +409,7 @@ def run_report(args) -> None:
             elif section == "smollm2":
                 ax.set_yscale("log")
                 ax.set_ylabel("perplexity (nwc eval)")
-                ax.set_ylim(20, 150)  # rtn 2-bit (7e6) and HQQ 3-bit (554) are off the chart
+                ax.set_ylim(20, 400)  # rtn 2-bit (7e6) and HQQ 3-bit (554) are off the chart; room for the legend
                 fp = [r["value"] for r in rows if r["key"] == "smollm2/fp"]
                 if fp:
                     ax.axhline(fp[0], color="gray", lw=0.8, label="fp32")
@@ -417,7 +417,8 @@ def run_report(args) -> None:
                 ax.set_ylabel("mean cosine vs fp32")
             ax.set_xlabel("bits per weight (file bytes)")
             ax.set_title(section)
-            ax.legend(fontsize=7)
+            corner = "lower right" if section == "minilm" else "upper right"
+            ax.legend(fontsize=6, ncol=2 if section == "smollm2" else 1, loc=corner)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
         print(f"\nplot: {args.plot}")
