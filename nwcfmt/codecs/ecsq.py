@@ -32,7 +32,6 @@ from nwcfmt.codecs.registry import register_codec
 from nwcfmt.container.manifest import TensorRecord
 from nwcfmt.container.safetensors_io import TensorInfo
 from nwcfmt.encoders import ecsq, latents
-from nwcfmt.encoders.ldlq import column_importance, column_order, ordered_upper
 from nwcfmt.encoders.rate import find_step, meet_target, secant_step
 from nwcfmt.entropy import rans
 from nwcfmt.entropy.rans import Context
@@ -132,19 +131,17 @@ class EcsqCodec(LatentCodec):
         """Calibrated ECSQ (:func:`nwcfmt.encoders.ecsq.ldlq_quantize`) of one Linear weight, rate-controlled
         on the record's real bytes; the row scales of the result may still be tuned (``CalibratedLatent``)."""
         weight, scale0 = self.rows_and_scales(tensor)
-        order = column_order(hessian, options.act_order)
-        upper = ordered_upper(hessian, order, options.percdamp) if options.feedback else None
-        importance = column_importance(hessian, order, options, upper)
-        levels = ecsq.importance_levels(importance, options.levels)
+        plan = ecsq.column_plan(hessian, options)
+        levels = plan.levels
 
         def steps_of(step: float) -> torch.Tensor:
-            return ecsq.level_steps(importance, levels, options.levels, step)
+            return ecsq.level_steps(plan.importance, levels, options.levels, step)
 
         def encode_at(step: float) -> tuple[float, ecsq.EcsqResult]:
             result = ecsq.ldlq_quantize(
                 weight, hessian, scale0, step, levels, steps_of, self.scale_dtype, centroids=self.centroids,
-                refit=self.refit, feedback=options.feedback, order=order, group=options.group,
-                percdamp=options.percdamp, upper=upper,
+                refit=self.refit, feedback=options.feedback, order=plan.order, group=options.group,
+                percdamp=options.percdamp, upper=plan.upper,
             )  # fmt: skip
             return self.record(result, step)[0], result
 

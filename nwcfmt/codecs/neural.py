@@ -221,17 +221,15 @@ class NeuralCodec(LatentCodec):
         """Calibrated ``neural``: LDLQ over the columns, each column's chunks coded by the encoder network at
         the column's importance level (the quality embedding), rate-controlled on the record's real bytes; the
         row scales are refit in the ``H`` metric and may still be tuned (``CalibratedLatent``)."""
-        from nwcfmt.encoders.ldlq import column_importance, column_order, ldlq, ordered_upper
+        from nwcfmt.encoders.ldlq import ldlq
         from nwcfmt.neural.weights import load_codec
 
         net = load_codec()
         weight, scale0 = self.rows_and_scales(tensor)
         rows, cols = weight.shape
         normalised = weight / scale0[:, None]
-        order = column_order(hessian, options.act_order)
-        upper = ordered_upper(hessian, order, options.percdamp) if options.feedback else None
-        importance = column_importance(hessian, order, options, upper)
-        col_levels = ecsq.importance_levels(importance, options.levels)
+        plan = ecsq.column_plan(hessian, options)
+        order, upper, col_levels = plan.order, plan.upper, plan.levels
         stored_levels = col_levels.to(torch.uint8).numpy() if options.levels > 1 else None
         blocks = math.ceil(rows / arch.CHUNK)
         padded = blocks * arch.CHUNK

@@ -111,6 +111,28 @@ def importance_levels(importance: torch.Tensor, n_levels: int) -> torch.Tensor:
     return levels
 
 
+@dataclass(frozen=True)
+class ColumnPlan:
+    """What a calibrated latent encoder derives from ``H`` before any rounding: the feedback's column
+    ``order``, its Cholesky factor ``upper`` (None without feedback), each column's ``importance`` and level."""
+
+    order: torch.Tensor
+    upper: torch.Tensor | None
+    importance: torch.Tensor
+    levels: torch.Tensor
+
+
+def column_plan(hessian: torch.Tensor, options) -> ColumnPlan:
+    """The :class:`ColumnPlan` of ``hessian`` for calibrated ``options`` (``act_order``, ``feedback``,
+    ``percdamp``, ``importance``, ``levels``), shared by ``ecsq`` and ``neural``."""
+    from nwcfmt.encoders.ldlq import column_importance, column_order, ordered_upper
+
+    order = column_order(hessian, options.act_order)
+    upper = ordered_upper(hessian, order, options.percdamp) if options.feedback else None
+    importance = column_importance(hessian, order, options, upper)
+    return ColumnPlan(order, upper, importance, importance_levels(importance, options.levels))
+
+
 def level_steps(importance: torch.Tensor, levels: torch.Tensor, n_levels: int, step: float) -> torch.Tensor:
     """Each level's step (fp64 ``[n_levels]``): equal-slope allocation, ``step * sqrt(I_0 / I_l)`` with
     ``I_l`` the mean importance of the level's columns (high-rate ECSQ: a column weighted ``I`` wants a step
