@@ -29,8 +29,8 @@ from nwcfmt.calibration.blocks import block_linears, capture_inputs, find_layout
 from nwcfmt.calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_batches
 from nwcfmt.calibration.hessian import HessianCollector
 from nwcfmt.calibration.method import BlockData
+from nwcfmt.calibration.reconstruction import block_mse, guard_batches, split_batches
 from nwcfmt.cli.main import parse_params
-from nwcfmt.codecs.learned_rounding import block_mse, guard_batches, split_batches
 
 
 def parse_run(text: str) -> tuple[str, dict[str, Any]]:

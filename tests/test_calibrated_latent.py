@@ -12,9 +12,9 @@ import torch
 
 from conftest import run_nwc
 from nwcfmt.calibration.method import BlockData
+from nwcfmt.calibration.reconstruction import block_mse, split_batches
 from nwcfmt.codecs.ecsq import EcsqCodec
 from nwcfmt.codecs.gptq import layer_loss
-from nwcfmt.codecs.learned_rounding import block_mse, split_batches
 from nwcfmt.codecs.neural import NeuralCodec
 from nwcfmt.container.writer import decode_encoded
 from nwcfmt.encoders.calibrated_latent import LatentMethod

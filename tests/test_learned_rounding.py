@@ -8,8 +8,9 @@ import torch
 import nwcfmt
 from nwcfmt import data as nwc_data
 from nwcfmt.calibration.method import BlockData, LinearResult
+from nwcfmt.calibration.reconstruction import block_output
 from nwcfmt.codecs.flexround import FlexRoundCodec, FlexRoundRounding, flexround_method
-from nwcfmt.codecs.learned_rounding import block_output, trainable_params
+from nwcfmt.codecs.learned_rounding import trainable_params
 from nwcfmt.codecs.lrq import LrqCodec, lrq_method
 from nwcfmt.codecs.rtn import RtnCodec
 from nwcfmt.container.writer import decode_encoded

@@ -21,10 +21,10 @@ from torch import nn
 
 from nwcfmt.calibration import register_method
 from nwcfmt.calibration.method import BlockData, LinearResult
+from nwcfmt.calibration.reconstruction import block_mse, block_output, guard_batches, split_batches
 from nwcfmt.codecs.base import EncodeContext
 from nwcfmt.codecs.gptq import layer_loss
 from nwcfmt.codecs.latent import SCALE_DTYPES, CalibratedLatent, LatentCodec
-from nwcfmt.codecs.learned_rounding import block_mse, block_output, guard_batches, split_batches
 from nwcfmt.codecs.registry import get_codec
 from nwcfmt.container.writer import decode_encoded
 from nwcfmt.errors import EncodeError
