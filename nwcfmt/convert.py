@@ -179,10 +179,16 @@ def quantization_config(
     return config
 
 
+def planned_codecs(policy: Policy, source: WeightSource) -> list[Codec]:
+    """The codec ``policy`` gives each tensor of ``source``, in order, chosen from the headers (nothing is read):
+    how many records each codec will write, so that its shared segments are amortised exactly."""
+    return [policy.choose(name, source.meta(name)) for name in source.names]
+
+
 def _policy_encoder(policy: Policy, source: WeightSource) -> TensorEncoder:
     """Encodes each tensor with the codec ``policy`` chooses, telling each codec instance how many records of
-    the output it encodes (planned from the headers), so that shared segments are amortised exactly."""
-    claims = Counter(id(policy.choose(name, source.meta(name))) for name in source.names)
+    the output it encodes (:func:`planned_codecs`)."""
+    claims = Counter(id(codec) for codec in planned_codecs(policy, source))
 
     def encode(name: str, tensor: torch.Tensor) -> tuple[Codec, EncodedTensor]:
         codec = policy.choose(name, tensor)

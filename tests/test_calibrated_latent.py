@@ -126,6 +126,42 @@ def test_finetuning_does_not_raise_the_block_loss_on_held_out_text(smollm2_block
         assert torch.equal(stored.to(torch.float32), tuned[name])
 
 
+def test_tuning_the_uncoded_weights_lowers_the_block_loss_on_held_out_text(smollm2_block):
+    """After q/k/v are coded, the block's other weights tuned on its output (``tune_uncoded``) absorb part of
+    their error: lower block loss on the calibration batches and on held-out text, and the coded Linears untouched.
+    The stages follow the block's inputs: q/k/v share one, so do gate/up."""
+    from nwcfmt.encoders.calibrated_latent import coding_stages
+
+    block, linears, data, held = smollm2_block
+    stages = coding_stages(list(linears), data.hessians)
+    assert stages == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+    method = LatentMethod(EcsqCodec(step=0.5, tune_uncoded=True))
+    drafts = {
+        name: method.codec.encode_with_hessian(
+            linears[name].weight.detach(), data.hessians[name], method.codec.calibration
+        )
+        for name in stages[0]
+    }
+    uncoded = {name: linears[name].weight.detach().clone() for stage in stages[1:] for name in stage}
+    tuned, stats = method._tune_uncoded(block, drafts, uncoded, data, 0)
+    assert stats["uncoded_tuned"] == 1.0 and stats["uncoded_loss"] < stats["uncoded_loss_untuned"]
+    assert set(tuned) == set(uncoded) and all(not torch.equal(tuned[n], uncoded[n]) for n in tuned)
+    frozen = {n: p.detach() for n, p in block.named_parameters()}
+    coded = {f"{n}.weight": d.values * d.scale[:, None] for n, d in drafts.items()}
+    batches = split_batches(held, 4)
+
+    def held_loss(weights: dict[str, torch.Tensor]) -> float:
+        return block_mse(block, {**frozen, **coded, **{f"{n}.weight": w for n, w in weights.items()}}, batches)
+
+    assert held_loss(tuned) < held_loss(uncoded)
+    assert all(torch.equal(linears[n].weight, w) for n, w in uncoded.items())  # the block's weights untouched
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 

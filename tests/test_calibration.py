@@ -413,6 +413,20 @@ def test_encoder_blocks_calibrate(text, tmp_path):
         torch.testing.assert_close(data.inputs[0], hidden[data.index], rtol=1e-5, atol=1e-5)
 
 
+def test_weights_outside_blocks_keep_the_codecs_settings_data_free():
+    """gptq's data-free stand-in is rtn with gptq's layout and entropy stage; latent codecs stand for themselves."""
+    from nwcfmt.calibration.pipeline import data_free_codec
+    from nwcfmt.codecs.ecsq import EcsqCodec
+    from nwcfmt.codecs.gptq import GptqCodec
+
+    gptq = GptqCodec(bits=3, group_size=64, symmetric=True, scale_dtype="bfloat16", entropy="zstd")
+    rtn = data_free_codec(gptq)
+    assert rtn.codec_id == "rtn"
+    assert (rtn.bits, rtn.group_size, rtn.symmetric, rtn.scale_dtype, rtn.entropy) == (3, 64, True, "bfloat16", "zstd")
+    ecsq = EcsqCodec(bits=3.0)
+    assert data_free_codec(ecsq) is ecsq
+
+
 def test_fused_moe_experts_refused():
     from transformers import AutoModelForCausalLM
 

@@ -64,7 +64,7 @@ from nwcfmt.calibration.hessian import HessianCollector
 from nwcfmt.calibration.method import BlockData, BlockQuantizer, LinearResult
 from nwcfmt.codecs.base import Codec, EncodeContext, EncodedTensor
 from nwcfmt.container.writer import check_encoded, decode_encoded, encode_tensor
-from nwcfmt.convert import ConversionReport, Progress, encode_model
+from nwcfmt.convert import ConversionReport, Progress, encode_model, planned_codecs
 from nwcfmt.errors import EncodeError, InputError, NwcError, UnsupportedError
 from nwcfmt.policy import Policy
 from nwcfmt.sources import WeightSource, find_weight_files
@@ -453,11 +453,6 @@ class _SavedResults:
         return self._block[1][name][0]
 
 
-def _claims(source: WeightSource, policy: Policy, codec: Codec) -> int:
-    """How many records of the output the calibrated codec writes (its shared segments are amortised over them)."""
-    return sum(policy.choose(name, source.meta(name)).codec_id == codec.codec_id for name in source.names)
-
-
 def data_free_codec(codec: Codec) -> Codec | None:
     """What codes a tensor that the policy gives to a calibrated codec but that no block holds (BERT's pooler,
     GPT-Neo's ``wte``): the codec's own data-free encoder (``ecsq``, ``neural``), ``rtn`` in the same
@@ -468,7 +463,7 @@ def data_free_codec(codec: Codec) -> Codec | None:
     if getattr(codec, "calibration_optional", False):
         return codec
     if isinstance(codec, GroupQuantCodec):
-        return RtnCodec(**GroupQuantCodec.get_config(codec))
+        return RtnCodec(**GroupQuantCodec.get_config(codec), entropy=codec.entropy)
     return None
 
 
@@ -530,7 +525,7 @@ def encode_calibrated(
     model, layout, tokenizer = _load_model(src)
     source = WeightSource.open(src)
     targets = _targets(model, layout, source, policy, quantizer)
-    claims = _claims(source, policy, codec)
+    claims = sum(chosen.codec_id == codec.codec_id for chosen in planned_codecs(policy, source))  # records it writes
     fingerprint = {
         "src": str(src.absolute()),
         "files": _source_fingerprint(src),

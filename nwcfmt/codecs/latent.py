@@ -91,6 +91,7 @@ class CalibratedOptions:
     levels: int = MAX_LEVELS  # importance levels from diag(H) (1: none)
     feedback: bool = True  # LDLQ error feedback
     finetune: bool = True  # row scales tuned on the block output
+    tune_uncoded: bool = False  # the block's not-yet-coded weights tuned on its output after each coding stage
     act_order: bool = True  # feedback in decreasing diag(H) order (GPTQ act-order; free here: no groups)
     percdamp: float = 0.01
     importance: str = "ldl"  # what ranks columns into levels: "ldl" (the feedback's LDL diagonal) or "hdiag"
@@ -244,6 +245,7 @@ class LatentCodec(Codec):
         levels: int = MAX_LEVELS,
         feedback: bool = True,
         finetune: bool = True,
+        tune_uncoded: bool = False,
         act_order: bool = True,
         percdamp: float = 0.01,
         importance: str = "ldl",
@@ -253,6 +255,7 @@ class LatentCodec(Codec):
         ``step``, ``refit`` (least-squares row scales), ``lane_symbols`` and ``scale_dtype``; and the calibrated
         stages, used when a model folder is encoded with calibration (``calibrate``): ``levels`` (importance
         levels from diag(H), 1 to 4), ``feedback`` (LDLQ), ``finetune`` (row scales tuned on the block output),
+        ``tune_uncoded`` (the block's weights not yet coded tuned on its output after each coding stage),
         ``act_order`` and ``percdamp`` (of the feedback), ``importance`` (what ranks columns into levels: "ldl",
         the feedback's LDL diagonal, or "hdiag", diag(H) as NWC does), ``group`` (columns quantized together
         by the feedback; default :attr:`feedback_group`)."""
@@ -279,7 +282,14 @@ class LatentCodec(Codec):
         if not isinstance(group, int) or isinstance(group, bool) or not 1 <= group <= 128:
             raise EncodeError("group must be an integer from 1 to 128")
         self.calibration = CalibratedOptions(
-            levels, bool(feedback), bool(finetune), bool(act_order), float(percdamp), importance, group
+            levels,
+            bool(feedback),
+            bool(finetune),
+            bool(tune_uncoded),
+            bool(act_order),
+            float(percdamp),
+            importance,
+            group,
         )
 
     def get_config(self) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from nwcfmt.errors import EncodeError
 FINETUNE_ITERS = 100  # Adam steps per block
 FINETUNE_LR = 1e-3  # on the log of each row scale
 FINETUNE_BATCH = 4  # sequences per step
+TUNE_UNCODED_ITERS = 50  # Adam steps on the not-yet-coded weights after each coding stage
+TUNE_UNCODED_LR = 3e-3  # in units of each weight row's RMS
 
 
 def _stored(values: torch.Tensor, scale_dtype: str) -> torch.Tensor:
@@ -48,26 +50,33 @@ class LatentMethod:
 
     @property
     def needs_targets(self) -> bool:
-        return self.codec.calibration.finetune
+        return self.codec.calibration.finetune or self.codec.calibration.tune_uncoded
 
     def quantize_block(
         self, block: nn.Module, linears: dict[str, nn.Linear], data: BlockData
     ) -> dict[str, LinearResult]:
         start = time.perf_counter()
+        options = self.codec.calibration
+        missing = [name for name in linears if name not in data.hessians]
+        if missing:
+            raise EncodeError(f"{self.codec.codec_id}: block {data.index} has no Hessian for {missing[0]!r}")
+        weights = {name: linear.weight.detach().to(torch.float32) for name, linear in linears.items()}
         drafts: dict[str, CalibratedLatent] = {}
         stats: dict[str, dict[str, float]] = {}
-        for name, linear in linears.items():
-            if name not in data.hessians:
-                raise EncodeError(f"{self.codec.codec_id}: block {data.index} has no Hessian for {name!r}")
-            weight, hessian = linear.weight.detach(), data.hessians[name]
-            ctx = EncodeContext(name=name, shared_claims=data.shared_claims)
-            draft = self.codec.encode_with_hessian(weight, hessian, self.codec.calibration, ctx)
-            ref = layer_loss(weight, torch.zeros_like(weight), hessian)
-            loss = layer_loss(weight, draft.values * draft.scale[:, None], hessian)
-            drafts[name] = draft
-            stats[name] = {"layer_loss": loss / ref if ref > 0 else 0.0, **draft.stats}
+        stages = coding_stages(list(linears), data.hessians)
+        for k, stage in enumerate(stages):
+            for name in stage:
+                drafts[name], stats[name] = self._code(name, weights[name], data)
+            uncoded = [name for later in stages[k + 1 :] for name in later]
+            if options.tune_uncoded and uncoded:
+                tuned, tune_stats = self._tune_uncoded(block, drafts, {n: weights[n] for n in uncoded}, data, k)
+                weights.update(tuned)
+                for name in uncoded:
+                    stats.setdefault(f"_pending.{name}", {}).update(tune_stats)
+        for name in linears:  # what tuning the Linear's weight before it was coded did to the block loss
+            stats[name].update(stats.pop(f"_pending.{name}", {}))
         scales = {name: d.scale for name, d in drafts.items()}
-        if self.codec.calibration.finetune and drafts:
+        if options.finetune and drafts:
             scales, block_stats = self._finetune(block, drafts, data)
             for s in stats.values():
                 s.update(block_stats)
@@ -79,6 +88,63 @@ class LatentMethod:
             stats[name]["seconds"] = time.perf_counter() - start
             results[name] = LinearResult(encoded, decoded.to(torch.float32), stats[name])
         return results
+
+    def _code(self, name: str, weight: torch.Tensor, data: BlockData) -> tuple[CalibratedLatent, dict[str, float]]:
+        """One Linear coded from its (possibly tuned) weight and its input Hessian; the layer loss relative to
+        the weight's own ``tr(W H W^T)``."""
+        hessian = data.hessians[name]
+        ctx = EncodeContext(name=name, shared_claims=data.shared_claims)
+        draft = self.codec.encode_with_hessian(weight, hessian, self.codec.calibration, ctx)
+        ref = layer_loss(weight, torch.zeros_like(weight), hessian)
+        loss = layer_loss(weight, draft.values * draft.scale[:, None], hessian)
+        return draft, {"layer_loss": loss / ref if ref > 0 else 0.0, **draft.stats}
+
+    def _tune_uncoded(
+        self,
+        block: nn.Module,
+        drafts: dict[str, CalibratedLatent],
+        uncoded: dict[str, torch.Tensor],
+        data: BlockData,
+        stage: int,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The weights not yet coded, tuned on the block-output MSE with the coded Linears as their drafts decode
+        (NWC's and QuIP#'s fine-tuning of what is left), so they absorb the coded weights' error. Adam moves each
+        weight in units of its row's RMS. Trained on the calibration batches outside the check batches; the
+        tuned weights are kept only when the check batches' block loss falls."""
+        batches = split_batches(data, FINETUNE_BATCH)
+        guard = guard_batches(batches)
+        train = [b for b in batches if not any(b is g for g in guard)] or batches
+        frozen = {name: p.detach() for name, p in block.named_parameters()}
+        coded = {f"{name}.weight": d.values * d.scale[:, None] for name, d in drafts.items()}
+        rms = {name: w.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12) for name, w in uncoded.items()}
+        deltas = {name: torch.zeros_like(w, requires_grad=True) for name, w in uncoded.items()}
+
+        def params() -> dict[str, Any]:
+            tuned = {f"{name}.weight": w + deltas[name] * rms[name] for name, w in uncoded.items()}
+            return {**frozen, **coded, **tuned}
+
+        def guard_loss() -> float:
+            with torch.no_grad():
+                return block_mse(block, params(), guard)
+
+        before = guard_loss()
+        gen = torch.Generator().manual_seed(data.index * 1009 + stage)
+        opt = torch.optim.Adam(list(deltas.values()), lr=TUNE_UNCODED_LR)
+        order: list[int] = []
+        with torch.enable_grad():
+            for _ in range(TUNE_UNCODED_ITERS):
+                if not order:
+                    order = torch.randperm(len(train), generator=gen).tolist()
+                x, kw, y = train[order.pop()]
+                loss = nn.functional.mse_loss(block_output(block, params(), x, kw), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        after = guard_loss()
+        kept = after < before
+        with torch.no_grad():
+            tuned = {name: (w + deltas[name] * rms[name]) if kept else w for name, w in uncoded.items()}
+        return tuned, {"uncoded_loss_untuned": before, "uncoded_loss": min(before, after), "uncoded_tuned": float(kept)}
 
     def _finetune(
         self, block: nn.Module, drafts: dict[str, CalibratedLatent], data: BlockData
@@ -120,6 +186,20 @@ class LatentMethod:
         with torch.no_grad():
             final = {name: s.detach().clone() for name, s in scales().items()} if kept else initial
         return final, {"block_loss": min(before, after), "block_loss_untuned": before, "tuned": float(kept)}
+
+
+def coding_stages(names: list[str], hessians: dict[str, torch.Tensor]) -> list[list[str]]:
+    """The block's Linears in coding order, in stages: consecutive Linears with the same input (equal Hessians:
+    q/k/v, gate/up) are coded together, since tuning one cannot help the others."""
+    stages: list[list[str]] = []
+    for name in names:
+        last = stages[-1][-1] if stages else None
+        same = last is not None and hessians[last].shape == hessians[name].shape
+        if same and torch.equal(hessians[last], hessians[name]):
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+    return stages
 
 
 def latent_method(codec_id: str):
