@@ -15,6 +15,7 @@ from nwcfmt.calibration.method import BlockData
 from nwcfmt.calibration.reconstruction import block_mse, split_batches
 from nwcfmt.codecs.ecsq import EcsqCodec
 from nwcfmt.codecs.gptq import layer_loss
+from nwcfmt.codecs.latent import unpack_levels
 from nwcfmt.codecs.neural import NeuralCodec
 from nwcfmt.container.writer import decode_encoded
 from nwcfmt.encoders.calibrated_latent import LatentMethod
@@ -96,7 +97,8 @@ def test_levels_are_stored_and_decode_to_the_draft(smollm2_block):
     draft = codec.encode_with_hessian(weight, hessian, codec.calibration)
     encoded = draft.finish(draft.scale)
     assert encoded.params["levels"] == 4
-    levels = encoded.segments["levels"]
+    assert encoded.segments["levels"].shape == (1536 // 4,)  # 2 bits a column
+    levels = unpack_levels(encoded.segments["levels"], 1536)
     assert [int((levels == lv).sum()) for lv in range(4)] == [1382, 138, 14, 2]  # 10% / 1% / 0.1% of 1536
     decoded = decode_encoded("w", codec, encoded, tuple(weight.shape), torch.float32)
     assert torch.equal(decoded, draft.values * draft.scale[:, None])

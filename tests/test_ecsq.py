@@ -177,3 +177,31 @@ def test_bad_records_raise_nwc_errors(tmp_path, case):
     with pytest.raises(NwcError) as info, NwcReader(bad) as reader:
         reader.decode("w")
     assert isinstance(info.value, FormatError)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.index_fill_(0, torch.tensor([125]), 0b0100_0000), "padding bits must be 0"),  # "column 503" of 502
+        (lambda t: t.index_fill_(0, torch.tensor([0]), 0b11), "not below 'levels'"),  # column 0 at level 3 of 3
+    ],
+    ids=["padding", "range"],
+)
+def test_packed_levels_are_checked(tmp_path, edit, message):
+    """Version 2 stores column levels 2 bits a column; a level out of range or a set padding bit is refused."""
+    from pathlib import Path
+
+    golden = Path(__file__).resolve().parents[1] / "spec" / "golden" / "latent.safetensors"
+    name = "ecsq.levels3.v2.fp16"
+
+    def bad_levels(manifest, tensors):
+        rec = next(r for r in manifest["tensors"] if r["name"] == name)
+        assert rec["codec_version"] == 2 and rec["shape"] == [5, 502]
+        key = rec["segments"]["levels"]["tensor"]
+        tensors[key] = edit(tensors[key].clone())
+
+    with NwcReader(golden) as reader:
+        reader.decode(name)  # as written, it decodes
+    bad = rewrite_nwc(golden, tmp_path / "bad.safetensors", bad_levels)
+    with pytest.raises(FormatError, match=message), NwcReader(bad) as reader:
+        reader.decode(name)

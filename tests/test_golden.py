@@ -169,7 +169,7 @@ def spec_decode_file(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]
             spec_check(zlib.crc32(data) == int(ref["crc32"], 16), "checksum mismatch")
             segments[seg_name] = (e, data)
         shape = tuple(rec["shape"])
-        spec_check(rec["codec_version"] == 1, "unknown codec version")
+        spec_check(rec["codec_version"] in SPEC_VERSIONS.get(rec["codec"], (1,)), "unknown codec version")
         if rec["codec"] == "raw":
             spec_check(set(segments) == {"data"}, "raw has one segment, data")
             e, data = segments["data"]
@@ -454,6 +454,23 @@ def spec_to_dtype(values: np.ndarray, dtype: str) -> bytes:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").tobytes()
 
 
+SPEC_VERSIONS = {"ecsq": (1, 2), "neural": (1, 2)}  # codec versions this decoder reads (others: 1)
+
+
+def spec_levels(rec: dict, segments: dict, cols: int, n_levels: int) -> np.ndarray:
+    """latent.md section 3: the column levels (2 bits a column from version 2, a byte a column in version 1)."""
+    if n_levels == 1:
+        return np.zeros(cols, np.uint8)
+    if rec["codec_version"] == 1:
+        levels = spec_array(segments, "levels", "U8", (cols,))
+    else:
+        packed = spec_array(segments, "levels", "U8", ((cols + 3) // 4,))
+        levels = np.array([(int(packed[c // 4]) >> (2 * (c % 4))) & 3 for c in range(cols)], np.uint8)
+        spec_check(cols % 4 == 0 or int(packed[-1]) >> (2 * (cols % 4)) == 0, "levels padding bits not 0")
+    spec_check(int(levels.max()) < n_levels, "level out of range")
+    return levels
+
+
 def spec_decode_ecsq(rec: dict, segments: dict) -> bytes:
     shape, params = rec["shape"], rec["params"]
     rows = shape[0] if len(shape) >= 2 else 1
@@ -468,8 +485,7 @@ def spec_decode_ecsq(rec: dict, segments: dict) -> bytes:
     recon = spec_array(segments, "recon", "F32", (n_levels, freqs.shape[1]))
     scale_st = {"float16": "F16", "bfloat16": "BF16"}[params["scale_dtype"]]
     scale = spec_array(segments, "scale", scale_st, (rows,)).astype(np.float32)
-    levels = spec_array(segments, "levels", "U8", (cols,)) if n_levels > 1 else np.zeros(cols, np.uint8)
-    spec_check(int(levels.max()) < n_levels, "level out of range")
+    levels = spec_levels(rec, segments, cols, n_levels)
     spec_check(bool(np.isfinite(recon).all()) and bool(np.isfinite(scale).all()), "non-finite side information")
     symbols = spec_rans_symbols(
         rows * cols,
@@ -518,7 +534,7 @@ def spec_decode_neural(rec: dict, segments: dict) -> bytes:
     spec_check(freqs.shape[0] == n_levels * channels, "tables per level and channel")
     scale_st = {"float16": "F16", "bfloat16": "BF16"}[params["scale_dtype"]]
     scale = spec_array(segments, "scale", scale_st, (rows,)).astype(np.float32)
-    levels = spec_array(segments, "levels", "U8", (cols,)) if n_levels > 1 else np.zeros(cols, np.uint8)
+    levels = spec_levels(rec, segments, cols, n_levels)
     n = blocks * 16 * cols
     symbols = spec_rans_symbols(
         n,
@@ -638,7 +654,7 @@ def test_container_rules(rel):
     order = []
     for rec in manifest["tensors"]:
         assert list(rec) == ["name", "codec", "codec_version", "dtype", "shape", "params", "segments"]
-        assert rec["dtype"] in MANIFEST_DTYPES and rec["codec_version"] == 1
+        assert rec["dtype"] in MANIFEST_DTYPES and rec["codec_version"] in SPEC_VERSIONS.get(rec["codec"], (1,))
         assert not rec["name"].startswith("__") and "::" not in rec["name"]
         for seg_name, ref in rec["segments"].items():
             assert list(ref) == ["tensor", "crc32"]

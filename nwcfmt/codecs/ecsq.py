@@ -27,6 +27,7 @@ from nwcfmt.codecs.latent import (
     LatentLayout,
     expect,
     out_dtype,
+    pack_levels,
 )
 from nwcfmt.codecs.registry import register_codec
 from nwcfmt.container.manifest import TensorRecord
@@ -111,7 +112,7 @@ class EcsqCodec(LatentCodec):
             SCALE_SEGMENT: result.scale.to(SCALE_DTYPES[self.scale_dtype]),
         }
         if n_levels > 1:
-            segments[LEVELS_SEGMENT] = torch.from_numpy(result.levels)
+            segments[LEVELS_SEGMENT] = torch.from_numpy(pack_levels(result.levels))
         nbytes = sum(s.numel() * s.element_size() for s in segments.values())
         params: dict[str, Any] = {
             "levels": n_levels,
@@ -183,7 +184,7 @@ class EcsqCodec(LatentCodec):
         recon = segments[RECON_SEGMENT].to(device)
         alphabet = recon.shape[1]
         if layout.n_levels > 1:
-            levels = segments[LEVELS_SEGMENT].to(device=device, dtype=torch.int64)
+            levels = layout.column_levels(segments[LEVELS_SEGMENT].to(device)).to(torch.int64)
             symbols = symbols.view(layout.rows, layout.cols) + levels[None, :] * alphabet
         values = recon.reshape(-1)[symbols.reshape(-1)].view(layout.rows, layout.cols)
         scale = segments[SCALE_SEGMENT].to(device=device, dtype=torch.float32)

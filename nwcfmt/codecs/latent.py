@@ -40,6 +40,25 @@ MAX_LEVELS = 4
 LATENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+LEVELS_PACKED_SINCE = 2  # codec_version from which the levels segment holds 2 bits a column
+LEVELS_PER_BYTE = 4
+
+
+def pack_levels(levels: np.ndarray) -> np.ndarray:
+    """Column levels (uint8, each below 4) packed 4 to a byte, column ``c`` in bits ``2(c mod 4)`` and
+    ``2(c mod 4) + 1`` of byte ``c div 4``; the last byte's unused bits are 0."""
+    padded = np.zeros(-(-levels.size // LEVELS_PER_BYTE) * LEVELS_PER_BYTE, np.uint8)
+    padded[: levels.size] = levels
+    quads = padded.reshape(-1, LEVELS_PER_BYTE)
+    return (quads[:, 0] | quads[:, 1] << 2 | quads[:, 2] << 4 | quads[:, 3] << 6).astype(np.uint8)
+
+
+def unpack_levels(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """:func:`pack_levels` undone on the tensor's device: uint8 ``[cols]``."""
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed.device)
+    return ((packed[:, None] >> shifts) & 3).reshape(-1)[:cols]
+
+
 @dataclass(frozen=True)
 class LatentLayout:
     """Geometry and entropy-stream parameters of one record, validated."""
@@ -52,6 +71,17 @@ class LatentLayout:
     n_levels: int
     level_run: int
     scale_dtype: str
+    codec_version: int = LEVELS_PACKED_SINCE
+
+    @property
+    def levels_bytes(self) -> int:
+        """Length of the ``levels`` segment: 2 bits a column (version 2), one byte a column (version 1)."""
+        packed = self.codec_version >= LEVELS_PACKED_SINCE
+        return -(-self.cols // LEVELS_PER_BYTE) if packed else self.cols
+
+    def column_levels(self, stored: torch.Tensor) -> torch.Tensor:
+        """The ``levels`` segment as one uint8 level per column (on the segment's device)."""
+        return stored if self.codec_version < LEVELS_PACKED_SINCE else unpack_levels(stored, self.cols)
 
     @property
     def n_lanes(self) -> int:
@@ -112,7 +142,7 @@ class CalibratedLatent:
 class LatentCodec(Codec):
     """Storage, validation and entropy decoding of the latent layout; subclasses say what latents mean."""
 
-    version = 1
+    version = 2  # 2: levels packed 2 bits a column (1: a byte a column; still read)
     exact = False
     base_segments: ClassVar[tuple[str, ...]] = (PRIMARY_SEGMENT, LANES_SEGMENT, TABLES_SEGMENT, SCALE_SEGMENT)
     chunk: ClassVar[int] = 1  # latents per position: symbol i belongs to position i // chunk
@@ -141,7 +171,15 @@ class LatentCodec(Codec):
             raise FormatError(f"tensor {record.name!r}: lane_symbols must be a multiple of the channels")
         n_levels = int_param(record, "levels", 1, MAX_LEVELS)
         return LatentLayout(
-            rows, cols, cls.n_symbols(rows, cols), lane, channels, n_levels, cls.chunk, record.params["scale_dtype"]
+            rows,
+            cols,
+            cls.n_symbols(rows, cols),
+            lane,
+            channels,
+            n_levels,
+            cls.chunk,
+            record.params["scale_dtype"],
+            record.codec_version,
         )
 
     @classmethod
@@ -167,7 +205,7 @@ class LatentCodec(Codec):
             raise FormatError(f"tensor {record.name!r}: alphabet must hold 1 to {rans.MAX_ALPHABET} symbols")
         expect(record, segments[SCALE_SEGMENT], SCALE_ST[layout.scale_dtype], (layout.rows,), SCALE_SEGMENT)
         if layout.n_levels > 1:
-            expect(record, segments[LEVELS_SEGMENT], "U8", (layout.cols,), LEVELS_SEGMENT)
+            expect(record, segments[LEVELS_SEGMENT], "U8", (layout.levels_bytes,), LEVELS_SEGMENT)
 
     @classmethod
     def check(cls, record: TensorRecord, segments: Mapping[str, torch.Tensor]) -> None:
@@ -178,8 +216,13 @@ class LatentCodec(Codec):
         scale = segments[SCALE_SEGMENT].to(torch.float32)
         if not bool(torch.isfinite(scale).all()):
             raise FormatError(f"tensor {record.name!r}: row scales must be finite")
-        if layout.n_levels > 1 and int(segments[LEVELS_SEGMENT].max()) >= layout.n_levels:
-            raise FormatError(f"tensor {record.name!r}: a column level is not below 'levels'")
+        if layout.n_levels > 1:
+            stored = segments[LEVELS_SEGMENT]
+            if int(layout.column_levels(stored).max()) >= layout.n_levels:
+                raise FormatError(f"tensor {record.name!r}: a column level is not below 'levels'")
+            tail = layout.cols % LEVELS_PER_BYTE if layout.codec_version >= LEVELS_PACKED_SINCE else 0
+            if tail and int(stored[-1]) >> 2 * tail:
+                raise FormatError(f"tensor {record.name!r}: the levels' padding bits must be 0")
 
     @classmethod
     def stream(cls, segments: Mapping[str, torch.Tensor]) -> RansStream:
@@ -200,7 +243,7 @@ class LatentCodec(Codec):
         from nwcfmt.entropy.gpu import decode_on_device
 
         layout = cls.layout(record)
-        levels = segments[LEVELS_SEGMENT].cpu().numpy() if layout.n_levels > 1 else None
+        levels = layout.column_levels(segments[LEVELS_SEGMENT].cpu()).numpy() if layout.n_levels > 1 else None
         device = segments[PRIMARY_SEGMENT].device if device is None else device
         symbols = decode_on_device(
             segments[PRIMARY_SEGMENT],

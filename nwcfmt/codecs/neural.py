@@ -34,6 +34,7 @@ from nwcfmt.codecs.latent import (
     expect,
     int_param,
     out_dtype,
+    pack_levels,
 )
 from nwcfmt.codecs.registry import register_codec
 from nwcfmt.container.manifest import TensorRecord
@@ -194,7 +195,7 @@ class NeuralCodec(LatentCodec):
             SCALE_SEGMENT: scale.to(SCALE_DTYPES[self.scale_dtype]),
         }
         if levels is not None:
-            segments[LEVELS_SEGMENT] = torch.from_numpy(levels)
+            segments[LEVELS_SEGMENT] = torch.from_numpy(pack_levels(levels))
         own = sum(s.numel() * s.element_size() for s in segments.values())
         params: dict[str, Any] = {
             "levels": n_levels,
@@ -340,7 +341,7 @@ class NeuralCodec(LatentCodec):
         weights = {name: segments[NET_PREFIX + name].to(device) for name in arch.DECODER_TENSORS}
         q = (cls.decode_symbols(record, segments, device) + latent_min).view(-1, arch.CHUNK)
         if layout.n_levels > 1:
-            col_levels = segments[LEVELS_SEGMENT].to(device=device, dtype=torch.int64)
+            col_levels = layout.column_levels(segments[LEVELS_SEGMENT].to(device)).to(torch.int64)
             levels = col_levels.repeat(q.shape[0] // layout.cols)
         else:
             levels = torch.zeros(q.shape[0], dtype=torch.int64, device=device)

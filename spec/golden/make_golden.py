@@ -455,23 +455,25 @@ def build_rtn_zstd_chunks(path: Path) -> dict[str, torch.Tensor]:
     return decode_all(path)
 
 
-def write_ecsq_levels(w: NwcWriter) -> None:
+def write_ecsq_levels(w: NwcWriter, version: int) -> None:
     """A hand-built ``ecsq`` record with 3 column levels: one table and one row of ``recon`` per level (level 2
-    uses only symbols 0 and 1), two lanes of 1024 symbols and a short third, fp16 row scales."""
+    uses only symbols 0 and 1), two lanes of 1024 symbols and a short third, fp16 row scales. Version 2 packs
+    the levels 4 to a byte (502 columns: the last byte is half padding); version 1 stores a byte a column."""
     from nwcfmt.codecs.ecsq import EcsqCodec
+    from nwcfmt.codecs.latent import pack_levels
     from nwcfmt.encoders.latents import encode_stream, table_counts, tables_for
     from nwcfmt.entropy.rans import Context
 
-    rows, cols, alphabet = 5, 500, 5
-    levels = (random_bytes("latent.levels", cols) % 3).astype(np.uint8)
-    symbols = (random_bytes("latent.symbols", rows * cols) % alphabet).astype(np.int64)
+    rows, cols, alphabet = 5, 502 if version >= 2 else 500, 5
+    levels = (random_bytes(f"latent.levels.v{version}", cols) % 3).astype(np.uint8)
+    symbols = (random_bytes(f"latent.symbols.v{version}", rows * cols) % alphabet).astype(np.int64)
     col_level = np.tile(levels, rows)
     symbols[col_level == 2] %= 2
     context = Context(channels=1, levels=levels, level_run=1, n_levels=3)
     freqs = tables_for(table_counts(symbols, alphabet, context))
     stream = encode_stream(symbols, freqs, context, 1024)
     recon = torch.tensor([[-1.5, -0.5, 0.0, 0.5, 1.5], [-3.0, -1.0, 0.0, 1.0, 3.0], [-0.125, 0.375, 0.0, 0.0, 0.0]])
-    scale = f16(random_u16("latent.scale", rows) & 0x3FFF | 0x2000)  # positive, normal
+    scale = f16(random_u16(f"latent.scale.v{version}", rows) & 0x3FFF | 0x2000)  # positive, normal
     encoded = EncodedTensor(
         {
             "data": torch.from_numpy(stream.words),
@@ -479,17 +481,19 @@ def write_ecsq_levels(w: NwcWriter) -> None:
             "tables": torch.from_numpy(freqs),
             "recon": recon,
             "scale": scale,
-            "levels": torch.from_numpy(levels),
+            "levels": torch.from_numpy(pack_levels(levels) if version >= 2 else levels),
         },
         {"levels": 3, "lane_symbols": 1024, "scale_dtype": "float16"},
     )
-    w.append("ecsq.levels3.fp16", torch.empty(rows, cols, dtype=torch.float16), EcsqCodec(), encoded)
+    codec = EcsqCodec()
+    codec.version = version  # this instance writes records of that version
+    w.append(f"ecsq.levels3.v{version}.fp16", torch.empty(rows, cols, dtype=torch.float16), codec, encoded)
 
 
 def build_latent(path: Path) -> dict[str, torch.Tensor]:
     """The entropy-coded latent layout of codecs/latent.md: what the ``ecsq`` encoder writes (several lanes with
     a short last one, one lane, a one-symbol alphabet with no words, rank 1, 2 and 3, all three dtypes, both
-    scale dtypes, midpoint reconstruction) and a hand-built record with column levels."""
+    scale dtypes, midpoint reconstruction) and hand-built records with column levels, in both versions."""
     bf, hf, ff = torch.bfloat16, torch.float16, torch.float32
     with NwcWriter(path) as w:
         w.write("ecsq.b4.fp32", weights("latent.a", (40, 64), ff), "ecsq", bits=4, lane_symbols=1024)
@@ -498,7 +502,8 @@ def build_latent(path: Path) -> dict[str, torch.Tensor]:
                 scale_dtype="bfloat16")  # fmt: skip
         w.write("ecsq.b3.mid.3d", weights("latent.d", (2, 8, 64), bf), "ecsq", bits=3, centroids=False)
         w.write("ecsq.constant", torch.full((4, 300), -0.5, dtype=ff), "ecsq", bits=4, lane_symbols=1024)
-        write_ecsq_levels(w)
+        write_ecsq_levels(w, 2)
+        write_ecsq_levels(w, 1)
         # neural: two records sharing the decoder network (stored once); 16 channel tables and one table; rows
         # that are not a multiple of 16 (padded chunks)
         w.write("neural.b4.fp32", weights("latent.e", (48, 64), ff), "neural", bits=4, lane_symbols=1024,
