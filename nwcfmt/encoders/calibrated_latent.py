@@ -2,7 +2,10 @@
 
 Per decoder block: each selected Linear is coded from the Hessian of its input by its codec's
 ``encode_with_hessian`` (importance levels, LDLQ error feedback, rate control on the record's real bytes; see
-:mod:`nwcfmt.encoders.ecsq` and :mod:`nwcfmt.encoders.ldlq`). Then, with ``finetune``, the row scales of all
+:mod:`nwcfmt.encoders.ecsq` and :mod:`nwcfmt.encoders.ldlq`), in stages of Linears that share an input (q/k/v,
+o, gate/up, down). With ``tune_uncoded``, after each stage the weights not yet coded are tuned on the block
+output with the coded ones in place (:data:`TUNE_UNCODED_ITERS` Adam steps), so later Linears absorb part of
+the earlier ones' error before they are coded themselves. Then, with ``finetune``, the row scales of all
 the block's Linears are tuned jointly with Adam on the mean squared error between the block's output and the
 full-precision block's output (NWC's row-norm fine-tuning); scales are rounded to their stored dtype in the
 forward pass (straight-through), so the loss is the decoder's. The latents never change, so the rate does not
@@ -63,18 +66,17 @@ class LatentMethod:
         weights = {name: linear.weight.detach().to(torch.float32) for name, linear in linears.items()}
         drafts: dict[str, CalibratedLatent] = {}
         stats: dict[str, dict[str, float]] = {}
+        tuned_before: dict[str, dict[str, float]] = {}  # what tuning a Linear's weight before coding it did
         stages = coding_stages(list(linears), data.hessians)
         for k, stage in enumerate(stages):
             for name in stage:
                 drafts[name], stats[name] = self._code(name, weights[name], data)
+                stats[name].update(tuned_before.get(name, {}))
             uncoded = [name for later in stages[k + 1 :] for name in later]
             if options.tune_uncoded and uncoded:
                 tuned, tune_stats = self._tune_uncoded(block, drafts, {n: weights[n] for n in uncoded}, data, k)
                 weights.update(tuned)
-                for name in uncoded:
-                    stats.setdefault(f"_pending.{name}", {}).update(tune_stats)
-        for name in linears:  # what tuning the Linear's weight before it was coded did to the block loss
-            stats[name].update(stats.pop(f"_pending.{name}", {}))
+                tuned_before.update({name: tune_stats for name in uncoded})
         scales = {name: d.scale for name, d in drafts.items()}
         if options.finetune and drafts:
             scales, block_stats = self._finetune(block, drafts, data)
