@@ -121,7 +121,7 @@ class CalibratedOptions:
     levels: int = MAX_LEVELS  # importance levels from diag(H) (1: none)
     feedback: bool = True  # LDLQ error feedback
     finetune: bool = True  # row scales tuned on the block output
-    tune_uncoded: bool = False  # the block's not-yet-coded weights tuned on its output after each coding stage
+    tune_uncoded: bool = True  # the block's not-yet-coded weights tuned on its output after each coding stage
     act_order: bool = True  # feedback in decreasing diag(H) order (GPTQ act-order; free here: no groups)
     percdamp: float = 0.01
     importance: str = "ldl"  # what ranks columns into levels: "ldl" (the feedback's LDL diagonal) or "hdiag"
@@ -288,7 +288,7 @@ class LatentCodec(Codec):
         levels: int = MAX_LEVELS,
         feedback: bool = True,
         finetune: bool = True,
-        tune_uncoded: bool = False,
+        tune_uncoded: bool = True,
         act_order: bool = True,
         percdamp: float = 0.01,
         importance: str = "ldl",
