@@ -5,6 +5,7 @@ the full-precision targets, calibration minibatches and the evenly spaced batche
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,3 +65,25 @@ def _slice_batch(value: Any, n: int, sl: slice) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_slice_batch(v, n, sl) for v in value)
     return value
+
+
+def fit_block_output(
+    block: nn.Module,
+    params: Callable[[], dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    batches: list[Batch],
+    iters: int,
+    gen: torch.Generator,
+) -> None:
+    """``iters`` optimizer steps on the MSE between ``block``'s output with ``params()`` and the targets, one
+    minibatch a step, in a fresh random order (from ``gen``) each pass over ``batches``."""
+    order: list[int] = []
+    with torch.enable_grad():  # callers may run the pipeline under no_grad
+        for _ in range(iters):
+            if not order:
+                order = torch.randperm(len(batches), generator=gen).tolist()
+            x, kw, y = batches[order.pop()]
+            loss = nn.functional.mse_loss(block_output(block, params(), x, kw), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()

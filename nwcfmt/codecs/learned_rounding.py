@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from nwcfmt.calibration.method import BlockData, LinearResult
-from nwcfmt.calibration.reconstruction import Batch, block_mse, block_output, guard_batches, split_batches
+from nwcfmt.calibration.reconstruction import Batch, block_mse, fit_block_output, guard_batches, split_batches
 from nwcfmt.codecs.quant import GroupQuantCodec, QuantLayout
 from nwcfmt.codecs.rtn import RtnCodec, stored_scale
 from nwcfmt.errors import EncodeError
@@ -160,10 +160,8 @@ class LearnedRoundingMethod:
         frozen = {name: p.detach() for name, p in block.named_parameters()}
         mods = {name: self.make(lin.weight, gen) for name, lin in linears.items()}
 
-        def loss_on(batch: Batch) -> torch.Tensor:
-            x, kw, y = batch
-            params = {**frozen, **{f"{name}.weight": m()[0] for name, m in mods.items()}}
-            return torch.nn.functional.mse_loss(block_output(block, params, x, kw), y)
+        def params() -> dict[str, torch.Tensor]:
+            return {**frozen, **{f"{name}.weight": m()[0] for name, m in mods.items()}}
 
         guard = guard_batches(batches)
 
@@ -174,7 +172,7 @@ class LearnedRoundingMethod:
 
         init_loss = guard_loss()
         init = {name: m.result() for name, m in mods.items()}
-        self._train(mods, batches, loss_on, gen)
+        self._train(block, mods, batches, params, gen)
         final_loss = guard_loss()
         results = {name: m.result() for name, m in mods.items()}
         fallback = final_loss > init_loss
@@ -191,7 +189,9 @@ class LearnedRoundingMethod:
             r.stats.update(stats)
         return results
 
-    def _train(self, mods: dict[str, LearnedRounding], batches: list[Batch], loss_on, gen: torch.Generator) -> None:
+    def _train(
+        self, block: nn.Module, mods: dict[str, LearnedRounding], batches: list[Batch], params, gen: torch.Generator
+    ) -> None:
         if not mods or self.codec.iters == 0:
             return
         scales = [m.log_s1 for m in mods.values()]
@@ -199,15 +199,7 @@ class LearnedRoundingMethod:
         opt = torch.optim.Adam(
             [{"params": scales, "lr": self.codec.scale_lr}, {"params": divisor, "lr": self.codec.lr}]
         )
-        order: list[int] = []
-        with torch.enable_grad():  # callers may run the pipeline under no_grad
-            for _ in range(self.codec.iters):
-                if not order:
-                    order = torch.randperm(len(batches), generator=gen).tolist()
-                loss = loss_on(batches[order.pop()])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        fit_block_output(block, params, opt, batches, self.codec.iters, gen)
 
 
 def trainable_params(method: LearnedRoundingMethod, linears: dict[str, nn.Linear]) -> int:

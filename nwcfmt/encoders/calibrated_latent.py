@@ -24,7 +24,7 @@ from torch import nn
 
 from nwcfmt.calibration import register_method
 from nwcfmt.calibration.method import BlockData, LinearResult
-from nwcfmt.calibration.reconstruction import block_mse, block_output, guard_batches, split_batches
+from nwcfmt.calibration.reconstruction import block_mse, fit_block_output, guard_batches, split_batches
 from nwcfmt.codecs.base import EncodeContext
 from nwcfmt.codecs.gptq import layer_loss
 from nwcfmt.codecs.latent import SCALE_DTYPES, CalibratedLatent, LatentCodec
@@ -132,16 +132,7 @@ class LatentMethod:
         before = guard_loss()
         gen = torch.Generator().manual_seed(data.index * 1009 + stage)
         opt = torch.optim.Adam(list(deltas.values()), lr=TUNE_UNCODED_LR)
-        order: list[int] = []
-        with torch.enable_grad():
-            for _ in range(TUNE_UNCODED_ITERS):
-                if not order:
-                    order = torch.randperm(len(train), generator=gen).tolist()
-                x, kw, y = train[order.pop()]
-                loss = nn.functional.mse_loss(block_output(block, params(), x, kw), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        fit_block_output(block, params, opt, train, TUNE_UNCODED_ITERS, gen)
         after = guard_loss()
         kept = after < before
         with torch.no_grad():
@@ -173,16 +164,7 @@ class LatentMethod:
         initial = {name: d.scale for name, d in drafts.items()}
         gen = torch.Generator().manual_seed(data.index)
         opt = torch.optim.Adam(list(logs.values()), lr=FINETUNE_LR)
-        order: list[int] = []
-        with torch.enable_grad():
-            for _ in range(FINETUNE_ITERS):
-                if not order:
-                    order = torch.randperm(len(batches), generator=gen).tolist()
-                x, kw, y = batches[order.pop()]
-                loss = nn.functional.mse_loss(block_output(block, params(scales()), x, kw), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        fit_block_output(block, lambda: params(scales()), opt, batches, FINETUNE_ITERS, gen)
         after = guard_loss()
         kept = after < before
         with torch.no_grad():
