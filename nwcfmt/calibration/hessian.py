@@ -107,12 +107,15 @@ def damped_inverse_cholesky(hessian: torch.Tensor, percdamp: float = DEFAULT_PER
     if not torch.isfinite(h).all():
         raise EncodeError("the Hessian holds inf or NaN (activations overflowed)")
     damp = base
-    for _ in range(DAMP_RETRIES + 1):
-        eye = torch.eye(h.shape[0], dtype=h.dtype) * damp
-        lower, info = torch.linalg.cholesky_ex(h + eye)
+    undamped = diag.clone()
+    for _ in range(DAMP_RETRIES + 1):  # in place, freeing as it goes: about three [cols, cols] fp64 at a time
+        torch.add(undamped, damp, out=diag)
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0:
                 return DampedInverse(upper.to(torch.float32), dead, damp)
         damp = damp * 10 if damp > 0 else 1e-6

@@ -221,8 +221,10 @@ def _normal_equations(
     n, g = qg.shape[1], qg.shape[2]
     pad = n * g - layout.cols
     hg = torch.nn.functional.pad(h, (0, pad, 0, pad)).view(n, g, n * g)
-    m = torch.einsum("rai,aic->rac", qg, hg)  # per group: its q H, [R, G, G*g]
-    a = torch.einsum("rabj,rbj->rab", m.view(layout.rows, n, n, g), qg)
+    a = torch.empty(layout.rows, n, n, dtype=torch.float64)
+    for k in range(n):  # one group at a time: its q H is [R, G*g] (all groups at once would be R x G x cols)
+        m = qg[:, k, :] @ hg[k]
+        a[:, k, :] = (m.view(layout.rows, n, g) * qg).sum(-1)
     b = (_grouped(weight.to(torch.float64) @ h, layout) * qg).sum(-1)
     return _per_scale_row(layout, a, b)  # type: ignore[return-value]
 
@@ -427,7 +429,8 @@ class GptqCodec(GroupQuantCodec):
 
 @dataclass
 class GptqMethod:
-    """The :class:`~nwcfmt.calibration.method.BlockQuantizer` of ``gptq``: one Linear at a time, from its Hessian."""
+    """The :class:`~nwcfmt.calibration.method.BlockQuantizer` of ``gptq``: each Linear from its Hessian alone (so
+    the block's Linears are independent jobs for ``data.executor``)."""
 
     codec: GptqCodec
     needs_targets: bool = False
@@ -435,12 +438,12 @@ class GptqMethod:
     def quantize_block(
         self, block: torch.nn.Module, linears: dict[str, torch.nn.Linear], data: BlockData
     ) -> dict[str, LinearResult]:
-        results = {}
-        for name, linear in linears.items():
+        for name in linears:
             if name not in data.hessians:
                 raise EncodeError(f"gptq: block {data.index} has no Hessian for {name!r}")
-            results[name] = self.codec.quantize_with_hessian(linear.weight.detach(), data.hessians[name])
-        return results
+        jobs = [(linear.weight.detach(), data.hessians[name]) for name, linear in linears.items()]
+        costs = [float(linear.weight.numel() * linear.in_features) for linear in linears.values()]
+        return dict(zip(linears, data.executor.map(self.codec.quantize_with_hessian, jobs, costs), strict=True))
 
 
 def gptq_method(config: dict[str, Any]) -> GptqMethod:
