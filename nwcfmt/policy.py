@@ -80,6 +80,17 @@ class Policy:
             return self._instance("raw", {})
         return default
 
+    def to_dict(self) -> dict[str, Any]:
+        """The policy as a policy file holds it (:meth:`from_dict` reads it back)."""
+        return {
+            "codec": self.codec,
+            "params": dict(self.params),
+            "rules": [{"match": r.match, "codec": r.codec, "params": dict(r.params)} for r in self.rules],
+            "exclude": list(self.exclude),
+            "keep_raw": list(self.keep_raw),
+            "min_ndim": self.min_ndim,
+        }
+
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> Policy:
         """Load a JSON policy file; keyword arguments override its top-level keys when not None."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,32 @@ def rewrite_nwc(src: Path, dst: Path, edit) -> Path:
         writer.add(name, tensor.contiguous())
     writer.finish(metadata)
     return dst
+
+
+def tokenizer_files(dst: Path) -> None:
+    from nwcfmt.data import smollm2_dir
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir() / name, dst / name)
+
+
+@pytest.fixture(scope="session")
+def calib_llama_dir(tmp_path_factory) -> Path:
+    """A tiny bf16 Llama with SmolLM2's real tokenizer (49152 ids), so real text tokenizes into it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("calib-llama")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    tokenizer_files(path)
+    return path

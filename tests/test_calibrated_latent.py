@@ -178,8 +178,9 @@ def calib_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_with_tokenizer(tmp_path_factory):
-    from test_calibration import _tokenizer_files
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import tokenizer_files
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -188,7 +189,7 @@ def llama_with_tokenizer(tmp_path_factory):
     )  # fmt: skip
     path = tmp_path_factory.mktemp("llama-tok")
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    _tokenizer_files(path)
+    tokenizer_files(path)
     return path
 
 
@@ -227,16 +228,16 @@ def test_cli_data_free_when_asked_or_when_calibration_is_impossible(llama_with_t
 def test_cli_calibrates_an_encoder_and_codes_its_pooler_data_free(calib_file, tmp_path):
     """BERT calibrates block by block; its pooler (a Linear outside the blocks) is coded by ``ecsq`` data-free,
     not left raw, so ``--bits`` holds over every Linear; the folder loads with ``AutoModel``."""
-    from test_calibration import _tokenizer_files
     from transformers import AutoModel, BertConfig, BertModel
 
     import nwcfmt  # noqa: F401
+    from conftest import tokenizer_files
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=64)  # fmt: skip
     BertModel(config).save_pretrained(tmp_path / "bert")
-    _tokenizer_files(tmp_path / "bert")
+    tokenizer_files(tmp_path / "bert")
     out, plain = tmp_path / "cal", tmp_path / "plain"
     calib = ["--calib", calib_file, "--calib-samples", 8, "--calib-seqlen", 32]
     result = run_nwc("encode", tmp_path / "bert", "-o", out, "--codec", "ecsq", "--bits", 3, "-q", *calib,

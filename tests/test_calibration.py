@@ -8,7 +8,6 @@ with an encoder of the entropy-coded ``ecsq`` layout, to show that the pipeline 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import tokenizer_files
 from nwcfmt.calibration import register_method, unregister_method
 from nwcfmt.calibration.blocks import find_layout
 from nwcfmt.calibration.data import calibration_batches
@@ -71,33 +71,9 @@ def rtn_quantizer() -> RtnThroughContract:
     return RtnThroughContract(RtnCodec(bits=BITS, group_size=GROUP))
 
 
-def _tokenizer_files(dst: Path) -> None:
-    from nwcfmt.data import smollm2_dir
-
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir() / name, dst / name)
-
-
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    """A tiny bf16 Llama with SmolLM2's real tokenizer (49152 ids), so real text tokenizes into it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("calib-llama")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    _tokenizer_files(path)
-    return path
+def llama_dir(calib_llama_dir) -> Path:
+    return calib_llama_dir
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +351,7 @@ def test_other_architectures_block_inputs(arch, text, tmp_path):
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(_tiny(arch)).save_pretrained(tmp_path / arch)
-    _tokenizer_files(tmp_path / arch)
+    tokenizer_files(tmp_path / arch)
     calib, quantizer = CalibOptions(text=text, samples=2, seqlen=24, batch_size=2), rtn_quantizer()
     encode_calibrated(tmp_path / arch, tmp_path / "out", quantizer, calib=calib)
     loaded = load_for_eval(tmp_path / "out")
@@ -398,7 +374,7 @@ def test_encoder_blocks_calibrate(text, tmp_path):
     config = BertConfig(vocab_size=49152, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)  # fmt: skip
     BertModel(config).save_pretrained(tmp_path / "bert")
-    _tokenizer_files(tmp_path / "bert")
+    tokenizer_files(tmp_path / "bert")
     calib, quantizer = CalibOptions(text=text, samples=2, seqlen=24, batch_size=2), rtn_quantizer()
     report = encode_calibrated(tmp_path / "bert", tmp_path / "out", quantizer, calib=calib)
     # query, key, value, attention output, intermediate, output per block; the pooler (no block) data-free
@@ -442,7 +418,7 @@ def test_gpt_neo_layout_works_gpt2_conv1d_refused(text, tmp_path):
     neo = GPTNeoConfig(vocab_size=49152, hidden_size=32, num_layers=2, attention_types=[[["global", "local"], 1]],
                        num_heads=4, max_position_embeddings=128)  # fmt: skip
     GPTNeoForCausalLM(neo).save_pretrained(tmp_path / "neo")
-    _tokenizer_files(tmp_path / "neo")
+    tokenizer_files(tmp_path / "neo")
     calib = CalibOptions(text=text, samples=4, seqlen=16, batch_size=4)
     quantizer = rtn_quantizer()
     report = encode_calibrated(tmp_path / "neo", tmp_path / "neo-out", quantizer, calib=calib)

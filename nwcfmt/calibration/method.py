@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from nwcfmt.codecs.base import Codec, EncodedTensor
+from nwcfmt.distributed import INLINE, Executor
 
 
 @dataclass
@@ -46,7 +47,9 @@ class BlockData:
     targets: list[torch.Tensor] | None  # full-precision block outputs for ``inputs`` (when requested)
     hessians: dict[str, torch.Tensor]  # Linear name within the block -> H = 2/N sum x x^T, fp32 [cols, cols]
     tokens: int = 0  # N, the number of input rows behind each Hessian
-    shared_claims: int = 0  # records of this codec in the whole output (shared segments are amortised over them)
+    shared_claims: int = 0  # records of this codec in the block's output file (its shared segments are amortised
+    # over them)
+    executor: Executor = INLINE  # runs the block's independent per-Linear work (owner ranks under torchrun)
 
 
 class BlockQuantizer(Protocol):

@@ -1,9 +1,11 @@
 """The calibration pipeline: a model folder + a :class:`BlockQuantizer` -> an NWC folder, one block at a time.
 
-1. The model is loaded with transformers in fp32 on the CPU; the calibration text becomes ``samples`` windows
-   of ``seqlen`` tokens (:mod:`nwcfmt.calibration.data`).
+1. The model is built by transformers with its parameters on the ``meta`` device (nothing allocated, buffers
+   such as rotary tables real); weights are read from the checkpoint only for the part being run, in fp32, and
+   put back on ``meta`` when it is done, so memory holds about one block whatever the model's size. The
+   calibration text becomes ``samples`` windows of ``seqlen`` tokens (:mod:`nwcfmt.calibration.data`).
 2. The pre-block part (embeddings, masks, rotary tables) runs once to capture block 0's inputs
-   (:mod:`nwcfmt.calibration.blocks`).
+   (:mod:`nwcfmt.calibration.blocks`); the output head is never loaded.
 3. For each block ``i``: one forward pass over the cached inputs collects the Hessian of every selected Linear
    (and the full-precision outputs when the encoder wants targets); ``quantize_block`` runs (with the torch
    RNG seeded from ``seed + i``); its results (:class:`~nwcfmt.calibration.method.LinearResult`: the encoded
@@ -12,7 +14,11 @@
    ``i + 1``'s inputs. Only the cached activations (and targets) live beside the model.
 4. The NWC folder is written by :func:`nwcfmt.convert.encode_model`: tensors in the checkpoint's order and
    dtype, calibrated Linears as the encoder's records, everything else through the :class:`Policy` (norms
-   and embeddings raw).
+   and embeddings raw), shard by shard (resumable too).
+
+Under ``torchrun`` (:class:`~nwcfmt.distributed.torch_backend.TorchDistExecutor`) every rank runs this pipeline;
+encoders hand the Linears of a block (or of a coding stage) to ``data.executor``, which gives each one an owner
+rank and shares the results, and rank 0 writes. The bits are those of an inline run.
 
 The pipeline never knows a codec's stored layout: it uses the encoder's codec only through the
 :class:`~nwcfmt.codecs.base.Codec` interface (its id and config, and its ``validate``/``check``/``decode`` on
@@ -64,7 +70,8 @@ from nwcfmt.calibration.hessian import HessianCollector
 from nwcfmt.calibration.method import BlockData, BlockQuantizer, LinearResult
 from nwcfmt.codecs.base import Codec, EncodeContext, EncodedTensor
 from nwcfmt.container.writer import check_encoded, decode_encoded, encode_tensor
-from nwcfmt.convert import ConversionReport, Progress, encode_model, planned_codecs
+from nwcfmt.convert import ConversionReport, Progress, encode_model, plan_shards, shared_claims
+from nwcfmt.distributed import INLINE, Executor
 from nwcfmt.errors import EncodeError, InputError, NwcError, UnsupportedError
 from nwcfmt.policy import Policy
 from nwcfmt.sources import WeightSource, find_weight_files
@@ -180,19 +187,93 @@ def _supported_config(src: Path) -> Any:
     return config
 
 
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside put their parameters on the ``meta`` device as they register them (each is allocated
+    once, uninitialised, and dropped); buffers (rotary tables, position ids) stay real."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def _load_model(src: Path) -> tuple[torch.nn.Module, BlockLayout, Any]:
-    """The model in fp32 on the CPU, its block layout and its tokenizer; refuses unsupported architectures."""
+    """The model with its parameters on ``meta`` (:func:`load_weights` reads them part by part), its block
+    layout and its tokenizer; refuses unsupported architectures before reading anything."""
     from transformers import AutoTokenizer
 
-    config = _supported_config(src)  # refuse before loading any weight
-    with _quiet_transformers():
-        model = _auto_class(config).from_pretrained(src, dtype=torch.float32, local_files_only=True)
+    config = _supported_config(src)
+    with _quiet_transformers(), _parameters_on_meta():
+        model = _auto_class(config).from_config(config, dtype=torch.float32)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{src}: calibration needs the model's tokenizer in the folder ({exc})") from None
     return model, find_layout(model), tokenizer
+
+
+def _set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    target = module.get_submodule(owner) if owner else module
+    target._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def load_weights(
+    module: torch.nn.Module,
+    prefix: str,
+    source: WeightSource,
+    model: torch.nn.Module,
+    skip: tuple[torch.nn.Module, ...] = (),
+    required: bool = True,
+) -> None:
+    """Read ``module``'s parameters (its name in ``model`` is ``prefix``) from the checkpoint, in fp32, except those
+    inside ``skip``. A parameter the checkpoint lacks is an error when ``required``, else zeros (a head outside
+    the blocks that calibration never reaches, such as an untrained pooler)."""
+    skipped = {id(p) for m in skip for p in m.parameters()}
+    for name, param in list(module.named_parameters()):
+        if id(param) in skipped or param.device.type != "meta":
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        try:
+            value = source.get(_checkpoint_name(full, source, model)).to(torch.float32)
+        except EncodeError:
+            if required:
+                raise
+            value = torch.zeros(param.shape, dtype=torch.float32)
+        if tuple(value.shape) != tuple(param.shape):
+            raise EncodeError(f"{full}: the checkpoint holds {list(value.shape)}, the model {list(param.shape)}")
+        _set_parameter(module, name, value)
+
+
+def release_weights(module: torch.nn.Module) -> None:
+    """Put ``module``'s parameters back on ``meta``, freeing their memory."""
+    for name, param in list(module.named_parameters()):
+        if param.device.type != "meta":
+            _set_parameter(module, name, param.detach().to("meta"))
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc keeps freed blocks below its mmap threshold, and a run
+    that frees one block's tensors after another would otherwise grow with depth); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _base_prefix(model: torch.nn.Module, layout: BlockLayout) -> str:
+    return next(name for name, module in model.named_modules() if module is layout.base)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -239,7 +320,7 @@ def _targets(
                     f"{tensor}: per-tensor params for the calibrated codec {codec.codec_id} differ "
                     "from its main config; calibrated codecs use one config"
                 )
-            selected.append(_Target(i, name, linear, tensor, source.get(tensor).dtype))
+            selected.append(_Target(i, name, linear, tensor, source.specs[tensor][1]))
         out.append(selected)
     return out
 
@@ -270,8 +351,12 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 class ResumeState:
     """Finished blocks' results in ``folder``, valid for one fingerprint."""
 
-    def __init__(self, folder: Path, fingerprint: dict[str, Any], resume: bool) -> None:
+    def __init__(self, folder: Path, fingerprint: dict[str, Any], resume: bool, writer: bool = True) -> None:
+        """``writer=False``: a torch.distributed rank other than 0, which reads what rank 0 saves."""
         self.folder = folder
+        self.writer = writer
+        if not writer:
+            return
         doc = {"version": STATE_VERSION, "fingerprint": fingerprint}
         if folder.exists() and not resume:
             shutil.rmtree(folder)
@@ -309,6 +394,8 @@ class ResumeState:
         no two share memory), their names in order, params, shared mapping and stats as JSON metadata."""
         from safetensors.torch import save_file
 
+        if not self.writer:
+            return
         tensors: dict[str, torch.Tensor] = {}
         docs = {}
         for name, r in results.items():
@@ -409,6 +496,7 @@ def _quantize(
     quantizer: BlockQuantizer,
     seed: int,
     shared_claims: int = 0,
+    executor: Executor = INLINE,
 ) -> dict[str, LinearResult]:
     linears = {t.name: t.linear for t in targets}
     with torch.no_grad(), HessianCollector(linears) as collector:
@@ -421,6 +509,7 @@ def _quantize(
         hessians=collector.hessians(),
         tokens=collector.rows,
         shared_claims=shared_claims,
+        executor=executor,
     )
     del outputs
     with torch.random.fork_rng(devices=[]):
@@ -467,7 +556,7 @@ def data_free_codec(codec: Codec) -> Codec | None:
     return None
 
 
-def _encoder(saved: _SavedResults, quantizer: BlockQuantizer, policy: Policy, claims: int):
+def _encoder(saved: _SavedResults, quantizer: BlockQuantizer, policy: Policy, claims: dict[str, int]):
     codec = quantizer.codec
     fallback = data_free_codec(codec)
 
@@ -478,7 +567,7 @@ def _encoder(saved: _SavedResults, quantizer: BlockQuantizer, policy: Policy, cl
             if chosen.codec_id != codec.codec_id:
                 return encode_tensor(name, tensor, chosen)
             if fallback is not None and fallback.supports(tensor):  # nothing calibrates it: coded data-free
-                return encode_tensor(name, tensor, fallback, EncodeContext(name=name, shared_claims=claims))
+                return encode_tensor(name, tensor, fallback, EncodeContext(name=name, shared_claims=claims[name]))
             return encode_tensor(name, tensor, "raw")
         return codec, encoded
 
@@ -506,8 +595,12 @@ def encode_calibrated(
     resume: bool = True,
     base_model: str | None = None,
     stop_after_blocks: int | None = None,
-) -> ConversionReport:
+    executor: Executor | None = None,
+) -> ConversionReport | None:
     """Encode the model folder ``src`` into the NWC folder ``dst`` with a calibrated encoder (module docstring).
+
+    ``executor``: a :class:`~nwcfmt.distributed.torch_backend.TorchDistExecutor` shares each block's Linears
+    among the ranks; ranks other than rank 0 return None once the blocks are done (rank 0 writes).
 
     ``policy`` defaults to the encoder's codec and config (norms, biases, embeddings and ``lm_head`` raw).
     ``stop_after_blocks`` (or ``$NWC_CALIB_STOP_AFTER``) raises :class:`CalibrationStopped` once that many blocks
@@ -522,10 +615,11 @@ def encode_calibrated(
         raise InputError(f"{src}: calibrated codecs need a model folder with config.json and a tokenizer")
     if dst.exists() and not overwrite:
         raise InputError(f"{dst.absolute()}: already exists (use --overwrite to replace it)")
+    executor = executor or INLINE
     model, layout, tokenizer = _load_model(src)
     source = WeightSource.open(src)
     targets = _targets(model, layout, source, policy, quantizer)
-    claims = sum(chosen.codec_id == codec.codec_id for chosen in planned_codecs(policy, source))  # records it writes
+    claims = shared_claims(policy, source, plan_shards(source, max_shard_size))  # records sharing a file's network
     fingerprint = {
         "src": str(src.absolute()),
         "files": _source_fingerprint(src),
@@ -536,8 +630,13 @@ def encode_calibrated(
         "tensors": [t.tensor for block in targets for t in block],
     }
     batches = calibration_batches(tokenizer, calib.text, calib.samples, calib.seqlen, calib.batch_size, calib.seed)
-    state = ResumeState(resume_dir(dst), json.loads(json.dumps(fingerprint)), resume)
+    state = ResumeState(resume_dir(dst), json.loads(json.dumps(fingerprint)), resume, writer=executor.is_main)
+    executor.barrier()  # the other ranks read the state rank 0 has checked (or cleared)
+    base = _base_prefix(model, layout)
+    load_weights(layout.base, base, source, model, skip=(layout.blocks,), required=False)
+    load_weights(layout.blocks[0], layout.block_name(0), source, model)
     captured = capture_inputs(layout, batches)
+    release_weights(layout.base)
     try:
         _run_blocks(
             layout,
@@ -550,11 +649,15 @@ def encode_calibrated(
             progress,
             _stop_after(stop_after_blocks),
             claims,
+            (source, model),
+            executor,
         )
     except BaseException:
-        if state.finished() == 0:  # nothing worth resuming
+        if state.finished() == 0 and executor.is_main:  # nothing worth resuming
             state.remove()
         raise
+    if not executor.is_main:
+        return None
     saved, total = _SavedResults(state, targets), len(layout.blocks)
     del model, layout, captured, targets  # the model is not needed for writing
     if progress:
@@ -576,6 +679,8 @@ def encode_calibrated(
         base_model=base_model,
         encoder=_encoder(saved, quantizer, policy, claims),
         calibration=info,
+        resume=resume,
+        fingerprint={"calibrated": fingerprint},
     )
     state.remove()
     report.seconds = time.perf_counter() - start
@@ -592,10 +697,13 @@ def _run_blocks(
     start: float,
     progress: BlockProgress | None,
     stop_after: int | None,
-    claims: int = 0,
+    claims: dict[str, int],
+    weights: tuple[WeightSource, torch.nn.Module],
+    executor: Executor = INLINE,
 ) -> None:
-    """Quantize (or reload) every block in order, saving each block's results in ``state``; ``claims``: the
-    calibrated codec's records in the output (for shared segments)."""
+    """Quantize (or reload) every block in order, saving each block's results in ``state``; ``claims``: per
+    tensor, the calibrated codec's records in its output file (for shared segments). Each block's weights are
+    read from ``weights`` (the checkpoint and the model that names them) before it runs and released after."""
     total, saved = len(layout.blocks), state.finished()
     inputs = captured.inputs
     times: list[float] = []
@@ -604,21 +712,28 @@ def _run_blocks(
     for i, block in enumerate(layout.blocks):
         t0 = time.perf_counter()
         kwargs = captured.kwargs[i]
+        load_weights(block, layout.block_name(i), *weights)
         if i < saved:
             results = state.load(i, targets[i], quantizer.codec)
             check_results(results, targets[i], quantizer)
         else:
-            results = _quantize(block, i, inputs, kwargs, targets[i], quantizer, seed, claims) if targets[i] else {}
+            shared = claims[targets[i][0].tensor] if targets[i] else 0
+            results = (
+                _quantize(block, i, inputs, kwargs, targets[i], quantizer, seed, shared, executor) if targets[i] else {}
+            )
             state.save(i, results)
         _apply(results, targets[i])
         with torch.no_grad():
             inputs = [run_block(block, x, kwargs) for x in inputs]
+        release_weights(block)
+        stats = {t.name: results[t.name].stats for t in targets[i] if results[t.name].stats}
+        del results
+        trim_heap()
         seconds = time.perf_counter() - t0
         if i >= saved:
             times.append(seconds)
         if progress:
             eta = sum(times) / len(times) * (total - i - 1) if times else None
-            stats = {t.name: results[t.name].stats for t in targets[i] if results[t.name].stats}
             stage = "replay" if i < saved else "block"
             progress(BlockEvent(stage, i + 1, total, time.perf_counter() - start, eta, seconds, stats))
         if stop_after is not None and i >= saved and i + 1 >= stop_after and i + 1 < total:

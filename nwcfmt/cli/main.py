@@ -171,7 +171,17 @@ def hub_options(fn: Callable) -> Callable:
 )
 @click.option("--symmetric", is_flag=True, default=None, help="Quantizing codecs: symmetric codes (no zero point).")
 @click.option("--clip-search", is_flag=True, default=None, help="rtn: search each group's clipping range.")
-@click.option("--max-shard-size", default=None, help="Split output into shards of at most this size (e.g. 5GB).")
+@click.option(
+    "--max-shard-size",
+    default=None,
+    help="Shards of whole decoder blocks, at most this much source weight each (e.g. 5GB; 1 for one per block) [2GB].",
+)
+@click.option(
+    "--ray",
+    default=None,
+    metavar="auto|ADDRESS",
+    help="Data-free codecs: encode tensors as Ray tasks on this cluster (auto: the running one, or a local one).",
+)
 @click.option(
     "--calib",
     "calib_file",
@@ -185,44 +195,95 @@ def hub_options(fn: Callable) -> Callable:
 @click.option(
     "--calib-seqlen", type=click.IntRange(min=2), default=None, help="Calibrated codecs: tokens per window [256]."
 )
-@click.option(
-    "--no-resume", is_flag=True, help="Calibrated codecs: discard the state of an interrupted encode, start over."
-)
+@click.option("--no-resume", is_flag=True, help="Discard the finished shards of an interrupted encode, start over.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--revision", default=None, help="Hub repo ids: the branch, tag or commit to download [main].")
 @hub_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
-def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, overwrite, quiet, **options) -> None:
+def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, overwrite, quiet, **options) -> None:
     """Encode a Hugging Face model folder (or a .safetensors / .bin file, or a Hub repo id) into NWC.
 
     SRC is a local path or a Hub repo id (namespace/name), downloaded into the huggingface_hub cache and
     recorded as the base model in the output's quantization_config.
 
-    Calibrated codecs (gptq, flexround, lrq) run the model block by block on calibration text, print one line
-    per block with an estimate of the time left, and resume an interrupted encode from the last finished block
-    when the same command runs again (state in OUTPUT.nwc-resume/).
+    Memory stays at about one tensor (data-free codecs) or one decoder block plus the calibration activations
+    (calibrated codecs), whatever the model's size. Shards are written as they finish (in OUTPUT.nwc-partial/)
+    and an interrupted encode resumes from them when the same command runs again; calibrated codecs also resume
+    from the last finished block (OUTPUT.nwc-resume/).
+
+    Calibrated codecs (gptq, flexround, lrq, ecsq, neural) run the model block by block on calibration text and
+    print one line per block with an estimate of the time left. Under torchrun (gloo) the ranks share each
+    block's Linears; with --ray, data-free codecs encode tensors as Ray tasks. The output is the same bits
+    whatever the number of workers.
     """
     from nwcfmt.calibration import get_method
-    from nwcfmt.convert import encode_model
+    from nwcfmt.distributed import INLINE, open_executor
+
+    hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
+    no_resume = options.pop("no_resume")
+    calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen")}
+    codec_params = {**{k: v for k, v in options.items() if v is not None}, **parse_params(params)}  # quantizer
+    factory = get_method(codec) if codec else None
+    if factory is None and any(v is not None for v in calib.values()):
+        raise InputError("--calib, --calib-samples and --calib-seqlen apply to calibrated codecs only")
+    shard_bytes = parse_size(max_shard_size) if max_shard_size else None
+    if factory is not None and getattr(get_codec_class(codec), "calibration_optional", False):
+        factory = _optional_calibration(src, codec, codec_params, factory, quiet)
+    if factory is not None and ray:
+        if not getattr(get_codec_class(codec), "calibration_optional", False):
+            raise InputError(f"--ray runs data-free codecs; {codec} is calibrated: run it under torchrun instead")
+        if not quiet:
+            click.echo(
+                f"nwc: --ray: encoding {codec} data-free (calibrate=false); calibrated runs use torchrun", err=True
+            )
+        codec_params["calibrate"], factory = False, None
+    executor = open_executor(ray)
+    try:
+        if factory is not None:
+            _encode_calibrated(
+                src,
+                dst,
+                factory,
+                codec,
+                codec_params,
+                policy_file,
+                exclude,
+                shard_bytes,
+                overwrite,
+                quiet or not executor.is_main,
+                hub,
+                executor,
+                no_resume=no_resume,
+                **calib,
+            )
+        elif executor.is_main:  # under torchrun, rank 0 encodes data-free codecs (use --ray to spread them)
+            _encode_data_free(
+                src,
+                dst,
+                codec,
+                codec_params,
+                policy_file,
+                exclude,
+                shard_bytes,
+                overwrite,
+                quiet,
+                hub,
+                no_resume,
+                executor if ray else INLINE,
+            )
+    finally:
+        executor.close()
+
+
+def _encode_data_free(
+    src, dst, codec, codec_params, policy_file, exclude, shard_bytes, overwrite, quiet, hub, no_resume, executor
+) -> None:
+    from nwcfmt.convert import encode_model, partial_dir
     from nwcfmt.hub import resolve_source
     from nwcfmt.policy import Policy
     from nwcfmt.sources import WeightSource
 
-    hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
-    calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen", "no_resume")}
-    codec_params = {**{k: v for k, v in options.items() if v is not None}, **parse_params(params)}  # quantizer
-    factory = get_method(codec) if codec else None
-    if factory is None and any(v not in (None, False) for v in calib.values()):
-        raise InputError("--calib, --calib-samples, --calib-seqlen and --no-resume apply to calibrated codecs only")
-    shard_bytes = parse_size(max_shard_size) if max_shard_size else None
-    if factory is not None and getattr(get_codec_class(codec), "calibration_optional", False):
-        factory = _optional_calibration(src, codec, codec_params, factory, quiet)
-    if factory is not None:
-        _encode_calibrated(
-            src, dst, factory, codec, codec_params, policy_file, exclude, shard_bytes, overwrite, quiet, hub, **calib
-        )
-        return
     overrides = {"codec": codec, "params": codec_params or None}
     policy = (
         Policy.from_file(policy_file, **overrides)
@@ -233,9 +294,23 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, overwr
     base_model = None if Path(src).exists() else src
     src = resolve_source(src, **hub, progress=not quiet)
     total = WeightSource.open(src).total_bytes
-    with progress_bar(total, "encode", quiet) as update:
-        report = encode_model(
-            src, dst, policy, max_shard_size=shard_bytes, overwrite=overwrite, progress=update, base_model=base_model
+    try:
+        with progress_bar(total, "encode", quiet) as update:
+            report = encode_model(
+                src,
+                dst,
+                policy,
+                max_shard_size=shard_bytes,
+                overwrite=overwrite,
+                progress=update,
+                base_model=base_model,
+                resume=not no_resume,
+                executor=executor,
+            )
+    except KeyboardInterrupt:
+        fail(
+            f"interrupted; run the same command again to continue from the finished shards ({partial_dir(dst)})",
+            EXIT_INTERRUPTED,
         )
     if not quiet:
         _encode_summary(report, dst)
@@ -300,7 +375,20 @@ def block_line(event) -> str | None:
 
 
 def _encode_calibrated(
-    src, dst, factory, codec, codec_params, policy_file, exclude, shard_bytes, overwrite, quiet, hub, **calib
+    src,
+    dst,
+    factory,
+    codec,
+    codec_params,
+    policy_file,
+    exclude,
+    shard_bytes,
+    overwrite,
+    quiet,
+    hub,
+    executor,
+    no_resume,
+    **calib,
 ) -> None:
     from nwcfmt.calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, read_text_file
     from nwcfmt.calibration.pipeline import CalibOptions, CalibrationStopped, encode_calibrated, resume_dir
@@ -341,8 +429,9 @@ def _encode_calibrated(
             max_shard_size=shard_bytes,
             overwrite=overwrite,
             progress=progress,
-            resume=not calib["no_resume"],
+            resume=not no_resume,
             base_model=base_model,
+            executor=executor,
         )
     except (KeyboardInterrupt, CalibrationStopped):
         state = resume_dir(Path(dst))
@@ -350,7 +439,7 @@ def _encode_calibrated(
             f"interrupted; run the same command again to continue from the last finished block (state: {state})",
             EXIT_INTERRUPTED,
         )
-    if not quiet:
+    if not quiet and report is not None:
         _encode_summary(report, dst)
 
 
@@ -358,16 +447,18 @@ def _encode_calibrated(
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Output folder or file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--no-resume", is_flag=True, help="Discard the finished files of an interrupted decode, start over.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
-def decode(src, dst, overwrite, quiet) -> None:
-    """Decode an NWC folder or file into plain safetensors (raw/lossless tensors come back bit for bit)."""
+def decode(src, dst, overwrite, no_resume, quiet) -> None:
+    """Decode an NWC folder or file into plain safetensors (raw/lossless tensors come back bit for bit), one tensor
+    at a time; an interrupted decode resumes from its finished files (OUTPUT.nwc-partial/)."""
     from nwcfmt.convert import decode_model
     from nwcfmt.summary import summarize
 
     total = summarize(src).original_bytes
     with progress_bar(total, "decode", quiet) as update:
-        report = decode_model(src, dst, overwrite=overwrite, progress=update)
+        report = decode_model(src, dst, overwrite=overwrite, progress=update, resume=not no_resume)
     if not quiet:
         click.echo(
             f"decoded {report.tensors} tensors -> {human(report.original_bytes)} in {report.seconds:.1f} s -> {dst}"

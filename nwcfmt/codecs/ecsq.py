@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -154,8 +155,11 @@ class EcsqCodec(LatentCodec):
         return CalibratedLatent(
             values=result.values,
             scale=result.scale,
-            finish=lambda scale: self.record(replace(result, scale=scale), step)[1],
+            finish=partial(self._finish, result, step),  # picklable: drafts cross torch.distributed ranks
         )
+
+    def _finish(self, result, step: float, scale: torch.Tensor) -> EncodedTensor:
+        return self.record(replace(result, scale=scale), step)[1]
 
     # ------------------------------------------------------------------------------------------ decode
     @classmethod

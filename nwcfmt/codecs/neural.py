@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -277,8 +278,11 @@ class NeuralCodec(LatentCodec):
         return CalibratedLatent(
             values=values,
             scale=scale,
-            finish=lambda tuned: self.record(q, stored_levels, step, tuned, cols, net_share)[1],
+            finish=partial(self._finish, q, stored_levels, step, cols, net_share),  # picklable (torch.distributed)
         )
+
+    def _finish(self, q, stored_levels, step: float, cols: int, net_share: int, tuned: torch.Tensor) -> EncodedTensor:
+        return self.record(q, stored_levels, step, tuned, cols, net_share)[1]
 
     # ------------------------------------------------------------------------------------------ layout
     @classmethod

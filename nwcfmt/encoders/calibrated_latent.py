@@ -69,9 +69,10 @@ class LatentMethod:
         tuned_before: dict[str, dict[str, float]] = {}  # what tuning a Linear's weight before coding it did
         stages = coding_stages(list(linears), data.hessians)
         for k, stage in enumerate(stages):
-            for name in stage:
-                drafts[name], stats[name] = self._code(name, weights[name], data)
-                stats[name].update(tuned_before.get(name, {}))
+            jobs = [(name, weights[name], data) for name in stage]  # a stage's Linears are coded independently
+            costs = [float(weights[name].numel() * weights[name].shape[1]) for name in stage]
+            for name, (draft, stat) in zip(stage, data.executor.map(self._code, jobs, costs), strict=True):
+                drafts[name], stats[name] = draft, {**stat, **tuned_before.get(name, {})}
             uncoded = [name for later in stages[k + 1 :] for name in later]
             if options.tune_uncoded and uncoded:
                 tuned, tune_stats = self._tune_uncoded(block, drafts, {n: weights[n] for n in uncoded}, data, k)
