@@ -3,11 +3,11 @@
     python benchmarks/bench_parallel.py torchrun --model smollm2 --codec gptq --blocks 30
     python benchmarks/bench_parallel.py ray --hidden 1024 --layers 8 --codec ecsq
 
-``torchrun``: a calibrated encode of a model folder, once with one rank using every core (``OMP_NUM_THREADS`` =
-the core count) and once with two ranks sharing the cores (``OMP_NUM_THREADS`` = half each): the same cores, so
-the ratio is what ownership of Linears buys over torch's own intra-op threads. ``ray``: a data-free encode of a
-synthetic checkpoint, inline (one process, every core) against a local Ray cluster of two one-CPU nodes (the
-cluster's start-up is timed apart). Both check that the outputs are the same bytes.
+Three runs of the same encode: inline (one process using every core through torch's threads, the default), one
+worker and two workers of the engine, each worker on one core. ``2 vs 1`` is the engine's scaling; ``2 vs
+inline`` is what it buys on this machine over the default. ``torchrun``: a calibrated encode of a model folder
+(ranks of one thread each). ``ray``: a data-free encode of a synthetic checkpoint on local clusters of one and two
+one-CPU nodes (start-up timed apart). The outputs are compared byte for byte.
 """
 
 from __future__ import annotations
@@ -45,14 +45,15 @@ def bench_torchrun(args, work: Path) -> None:
     common = ["-m", "nwcfmt.cli.main", "encode", str(src), "--codec", args.codec, "--bits", str(args.bits), "-q",
               "--calib-samples", str(args.calib_samples)]  # fmt: skip
     common += [x for p in args.param for x in ("--param", p)]
-    env1 = {**os.environ, "OMP_NUM_THREADS": str(cores)}
-    env2 = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // 2))}
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    t1 = timed([*run, "--nproc-per-node=1", *common, "-o", str(work / "one")], env1)
-    t2 = timed([*run, "--nproc-per-node=2", *common, "-o", str(work / "two")], env2)
-    print(f"torchrun {args.codec} on {src.name} ({cores} cores): 1 rank x {cores} threads {t1:.1f} s, "
-          f"2 ranks x {max(1, cores // 2)} threads {t2:.1f} s, speedup {t1 / t2:.2f}x, "
-          f"same bytes: {same_bytes(work / 'one', work / 'two')}")  # fmt: skip
+    t0 = timed([sys.executable, *common, "-o", str(work / "inline")], {**os.environ, "OMP_NUM_THREADS": str(cores)})
+    t1 = timed([*run, "--nproc-per-node=1", *common, "-o", str(work / "one")], one_thread)
+    t2 = timed([*run, "--nproc-per-node=2", *common, "-o", str(work / "two")], one_thread)
+    print(f"torchrun {args.codec} on {src.name}: inline ({cores} threads) {t0:.1f} s, 1 rank {t1:.1f} s, "
+          f"2 ranks {t2:.1f} s (1 thread each); 2 vs 1: {t1 / t2:.2f}x, 2 vs inline: {t0 / t2:.2f}x")  # fmt: skip
+    print(f"same bytes: 2 vs 1 {same_bytes(work / 'one', work / 'two')}, inline vs 2 "
+          f"{same_bytes(work / 'inline', work / 'two')}")  # fmt: skip
 
 
 def bench_ray(args, work: Path) -> None:
@@ -75,23 +76,27 @@ def bench_ray(args, work: Path) -> None:
     policy = Policy.from_dict({"codec": args.codec, "params": params})
     start = time.perf_counter()
     encode_model(src, work / "inline", policy)
-    t1 = time.perf_counter() - start
-    start = time.perf_counter()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    executor = RayExecutor(cluster.address)
-    boot = time.perf_counter() - start
-    try:
+    times = {"inline": time.perf_counter() - start}
+    for nodes in (1, 2):
         start = time.perf_counter()
-        encode_model(src, work / "ray", policy, executor=executor)
-        t2 = time.perf_counter() - start
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    print(f"ray {args.codec} on a {total / 2**20:.0f} MB checkpoint: inline {t1:.1f} s, 2 Ray nodes x 1 CPU "
-          f"{t2:.1f} s (+{boot:.1f} s cluster start), speedup {t1 / t2:.2f}x, nodes used "
-          f"{len(executor.nodes_used)}, same bytes: {same_bytes(work / 'inline', work / 'ray')}")  # fmt: skip
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        executor = RayExecutor(cluster.address)
+        boot = time.perf_counter() - start
+        try:
+            start = time.perf_counter()
+            encode_model(src, work / f"ray{nodes}", policy, executor=executor)
+            times[nodes] = time.perf_counter() - start
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+        print(f"  {nodes} node(s): {times[nodes]:.1f} s (+{boot:.1f} s start), nodes used {len(executor.nodes_used)}")
+    print(f"ray {args.codec} on a {total / 2**20:.0f} MB checkpoint: inline {times['inline']:.1f} s, 1 worker "
+          f"{times[1]:.1f} s, 2 workers {times[2]:.1f} s; 2 vs 1: {times[1] / times[2]:.2f}x, 2 vs inline: "
+          f"{times['inline'] / times[2]:.2f}x; same bytes: {same_bytes(work / 'inline', work / 'ray2')} (inline vs 2), "
+          f"{same_bytes(work / 'ray1', work / 'ray2')} (1 vs 2)")  # fmt: skip
 
 
 def main() -> int:

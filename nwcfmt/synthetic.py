@@ -8,6 +8,7 @@ mapped file pages, which reading a checkpoint through a memory map touches witho
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -51,26 +52,28 @@ def write_checkpoint(
 
     heads = max(1, hidden // 64)
     gen = torch.Generator().manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes, total, largest = [0], 0, 0
+    plan: list[list[tuple[str, tuple[int, ...]]]] = [[]]  # shards planned from the shapes, then written one by one
+    size = 0
     for name, shape in llama_tensors(hidden, layers, intermediate, vocab):
-        if name.endswith("norm.weight"):
-            t = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            t = (torch.randn(shape, generator=gen) * (1.0 / hidden**0.5)).to(torch.bfloat16)
-        nbytes = t.numel() * 2
-        if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = t
-        sizes[-1] += nbytes
-        total, largest = total + nbytes, max(largest, nbytes)
-    index = {}
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        nbytes = math.prod(shape) * 2
+        if size and size + nbytes > shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append((name, shape))
+        size += nbytes
+    index, total, largest = {}, 0, 0
+    for k, entries in enumerate(plan):
+        shard = {}
+        for name, shape in entries:
+            if name.endswith("norm.weight"):
+                shard[name] = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                shard[name] = (torch.randn(shape, generator=gen) * (1.0 / hidden**0.5)).to(torch.bfloat16)
+            total, largest = total + shard[name].numel() * 2, max(largest, shard[name].numel() * 2)
+        fname = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
         save_file(shard, str(dst / fname), metadata={"format": "pt"})
-        index.update({name: fname for name in shard})
-        shard.clear()
+        index.update(dict.fromkeys(shard, fname))
+        del shard
     (dst / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": index})
     )
