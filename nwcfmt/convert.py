@@ -326,6 +326,15 @@ class PartialOutput:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / PARTIAL_STATE).write_text(json.dumps(doc, indent=2) + "\n")
 
+    def __enter__(self) -> PartialOutput:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abandon()
+
     def finish(self) -> None:
         (self.folder / PARTIAL_STATE).unlink()
         if self.dst.exists():
@@ -348,7 +357,8 @@ def partial_dir(dst: str | os.PathLike) -> Path:
     return dst.with_name(dst.name + PARTIAL_SUFFIX)
 
 
-def _source_files(src: Path) -> list:
+def source_files(src: Path) -> list:
+    """(name, size, mtime) of a source's weight files and config: what a resumable run's fingerprint holds."""
     files = [*find_weight_files(src), *([src / "config.json"] if src.is_dir() else [])]
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
@@ -396,14 +406,13 @@ def encode_model(
     names = shard_file_names(len(shards))
     state = {
         "src": str(src.absolute()),
-        "files": _source_files(src),
+        "files": source_files(src),
         "policy": policy.to_dict(),
         "shards": [len(s) for s in shards],
         "max_shard_size": max_shard_size,
         **(fingerprint or {}),
     }
-    out = PartialOutput(dst, state, overwrite=overwrite, resume=resume)
-    try:
+    with PartialOutput(dst, state, overwrite=overwrite, resume=resume) as out:
         for i, (file_name, shard) in enumerate(zip(names, shards, strict=True), start=1):
             path = out.folder / file_name
             if path.is_file() and _count_finished(path, shard, source, report, progress):
@@ -419,10 +428,6 @@ def encode_model(
             numel = sum(source.meta(n).numel() for n in source.names)
             config["quantization_config"] = quantization_config(report, numel, base_model, calibration)
             (out.folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        out.finish()
-    except BaseException:
-        out.abandon()
-        raise
     report.files = sorted(p for p in dst.iterdir() if p.suffix == ".safetensors")
     report.seconds = time.perf_counter() - start
     return report
@@ -461,13 +466,12 @@ def decode_model(
         report.files = [dst]
         report.seconds = time.perf_counter() - start
         return report
-    out = PartialOutput(
+    with PartialOutput(
         dst,
-        {"src": str(src.absolute()), "files": _source_files(src), "decode": True},
+        {"src": str(src.absolute()), "files": source_files(src), "decode": True},
         overwrite=overwrite,
         resume=resume,
-    )
-    try:
+    ) as out:
         weight_map: dict[str, str] = {}
         for file in files:
             target = out.folder / file.name
@@ -485,10 +489,6 @@ def decode_model(
         if config is not None:
             config.pop("quantization_config", None)
             (out.folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        out.finish()
-    except BaseException:
-        out.abandon()
-        raise
     report.files = sorted(p for p in dst.iterdir() if p.suffix == ".safetensors")
     report.seconds = time.perf_counter() - start
     return report

@@ -70,11 +70,11 @@ from nwcfmt.calibration.hessian import HessianCollector
 from nwcfmt.calibration.method import BlockData, BlockQuantizer, LinearResult
 from nwcfmt.codecs.base import Codec, EncodeContext, EncodedTensor
 from nwcfmt.container.writer import check_encoded, decode_encoded, encode_tensor
-from nwcfmt.convert import ConversionReport, Progress, encode_model, plan_shards, shared_claims
+from nwcfmt.convert import ConversionReport, Progress, encode_model, plan_shards, shared_claims, source_files
 from nwcfmt.distributed import INLINE, Executor
 from nwcfmt.errors import EncodeError, InputError, NwcError, UnsupportedError
 from nwcfmt.policy import Policy
-from nwcfmt.sources import WeightSource, find_weight_files
+from nwcfmt.sources import WeightSource
 
 RESUME_SUFFIX = ".nwc-resume"
 STATE_FILE = "state.json"
@@ -332,11 +332,6 @@ def resume_dir(dst: Path) -> Path:
     """The folder that holds the finished blocks of an interrupted encode into ``dst``."""
     dst = dst.absolute()
     return dst.with_name(dst.name + RESUME_SUFFIX)
-
-
-def _source_fingerprint(src: Path) -> list:
-    files = [*find_weight_files(src), src / "config.json"]
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -622,7 +617,7 @@ def encode_calibrated(
     claims = shared_claims(policy, source, plan_shards(source, max_shard_size))  # records sharing a file's network
     fingerprint = {
         "src": str(src.absolute()),
-        "files": _source_fingerprint(src),
+        "files": source_files(src),
         "codec": codec.codec_id,
         "config": codec.get_config(),
         "quantizer": f"{type(quantizer).__module__}.{type(quantizer).__qualname__}",
