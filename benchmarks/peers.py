@@ -1,15 +1,17 @@
-"""Peer quantizers for ``bench_calibrated.py``: HQQ and llm-compressor's GPTQ, each written as a plain fp32 folder.
+"""Peers for the benchmarks: HQQ, llm-compressor's GPTQ and its SparseGPT / Wanda pruning, as plain fp32 folders.
 
-Each adapter quantizes the same tensors as ``nwc encode`` does on a decoder-only model (every Linear inside the
-decoder blocks: :func:`nwcfmt.eval.fakequant.quantizable_linears`; embeddings, norms and a tied ``lm_head`` stay
-as they are), then rebuilds each weight in fp32 from what the peer stores and writes a plain Hugging Face folder
-(config, tokenizer, one ``model.safetensors``) that ``nwc eval`` scores on the same protocol as an NWC folder.
-The effective bits per weight count every byte the peer stores for those Linears (codes and their grid), from
-the peer's own quantized representation, not from the dense copy. It writes a JSON result::
+Each adapter quantizes (or prunes) the same tensors as ``nwc encode`` does on a decoder-only model (every Linear
+inside the decoder blocks: :func:`nwcfmt.eval.fakequant.quantizable_linears`; embeddings, norms and a tied
+``lm_head`` stay as they are), then rebuilds each weight in fp32 from what the peer stores and writes a plain
+Hugging Face folder (config, tokenizer, one ``model.safetensors``) that ``nwc eval`` scores on the same protocol as
+an NWC folder. A quantizer's effective bits per weight count every byte the peer stores for those Linears (codes
+and their grid), from the peer's own quantized representation, not from the dense copy. It writes a JSON result::
 
     python benchmarks/peers.py hqq --src DIR --out DIR --bits 4 --group-size 128 --result hqq.json
     python benchmarks/peers.py llmcompressor --src DIR --out DIR --bits 4 --group-size 0 \\
         --tokens calib.pt --result llmc.json
+    python benchmarks/peers.py llmc-prune --src DIR --out DIR --method sparsegpt --sparsity 0.5 \\
+        --pattern unstructured --tokens calib.pt --result llmc-sparsegpt-50.json
 
 ``--group-size 0`` means one group per output channel (a whole input row). ``bench_calibrated.py`` runs each
 adapter in a process of its own to time it and read its peak RSS; llm-compressor pins an older transformers than
@@ -28,6 +30,15 @@ the project's, so it runs from a separate virtual environment (see ``benchmarks/
   tensor). The model is saved compressed (``pack-quantized``) and the bits are read from that file; the dense
   weights are the ones llm-compressor leaves in the model (its fake-quantized values), checked against the
   saved codes, scales and zero points.
+* **llm-compressor pruning** (``llmc-prune``): ``SparseGPTModifier`` or ``WandaPruningModifier`` through
+  ``oneshot`` (``--method sparsegpt|wanda``), ``sparsity=--sparsity`` and ``mask_structure="0:0"``
+  (unstructured) or ``"2:4"`` (two zeros in every four consecutive input columns; the sparsity is then 0.5),
+  ``targets=["Linear"]``, ``ignore=["re:.*lm_head"]`` (a plain ``"lm_head"`` does not match in these modifiers
+  and would prune the tied embedding), its defaults otherwise (SparseGPT: ``block_size=128``,
+  ``dampening_frac=0.01``; the sequential pipeline, each decoder block calibrated on the outputs of the
+  blocks already pruned). The dense weights are the pruned ones it leaves in the model; the result records
+  the fraction of exact zeros in the protocol Linears (and checks every other tensor is the source's, and
+  that a 2:4 mask holds in every group of four).
 """
 
 from __future__ import annotations
@@ -157,6 +168,21 @@ def _safetensors_sizes(folder: Path) -> dict[str, int]:
     return sizes
 
 
+def load_tokens(tokens: Path) -> torch.Tensor:
+    """The calibration windows of ``tokens``: an int64 ``[samples, seqlen]`` tensor saved by ``torch.save``."""
+    ids = torch.load(tokens, weights_only=True)
+    if ids.dim() != 2 or ids.dtype != torch.long:
+        raise SystemExit(f"peers: {tokens}: expected an int64 [samples, seqlen] tensor")
+    return ids
+
+
+def calibration_dataset(ids: torch.Tensor):
+    """A ``datasets.Dataset`` of the windows ``ids`` (no padding) for llm-compressor's ``oneshot``."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+
+
 def quantize_llmcompressor(src: Path, out: Path, bits: int, group_size: int, tokens: Path) -> dict:
     """llm-compressor GPTQ on ``src`` with the calibration windows in ``tokens``; write the fp32 folder ``out``."""
     import tempfile
@@ -164,18 +190,15 @@ def quantize_llmcompressor(src: Path, out: Path, bits: int, group_size: int, tok
     import compressed_tensors
     import llmcompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM
 
-    ids = torch.load(tokens, weights_only=True)
-    if ids.dim() != 2 or ids.dtype != torch.long:
-        raise SystemExit(f"peers: {tokens}: expected an int64 [samples, seqlen] tensor")
+    ids = load_tokens(tokens)
     samples, seqlen = ids.shape
     names = protocol_linears(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    dataset = calibration_dataset(ids)
     weights = QuantizationArgs(
         num_bits=bits,
         type="int",
@@ -244,6 +267,89 @@ def quantize_llmcompressor(src: Path, out: Path, bits: int, group_size: int, tok
     }
 
 
+def prune_llmcompressor(src: Path, out: Path, method: str, sparsity: float, pattern: str, tokens: Path) -> dict:
+    """llm-compressor SparseGPT or Wanda on ``src`` with the windows in ``tokens``; write the fp32 folder ``out``."""
+    import compressed_tensors
+    import llmcompressor
+    import transformers
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    except ImportError:  # releases before SparseGPT moved to modifiers.pruning
+        from llmcompressor.modifiers.obcq import SparseGPTModifier
+        from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    if pattern == "2:4" and sparsity != 0.5:
+        raise SystemExit("peers: --pattern 2:4 prunes half of every four weights: give --sparsity 0.5")
+    ids = load_tokens(tokens)
+    samples, seqlen = ids.shape
+    names = protocol_linears(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    dataset = calibration_dataset(ids)
+    modifier = SparseGPTModifier if method == "sparsegpt" else WandaPruningModifier
+    mask_structure = "0:0" if pattern == "unstructured" else pattern
+    # a regex: with targets=["Linear"] the modifiers name each module "<name>." (trailing dot), so an exact
+    # "lm_head" never matches and the tied head (the embedding) would be pruned
+    recipe = modifier(sparsity=sparsity, mask_structure=mask_structure, targets=["Linear"], ignore=["re:.*lm_head"])
+    start = time.perf_counter()
+    oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=seqlen, num_calibration_samples=samples)
+    prune_s = time.perf_counter() - start
+    start = time.perf_counter()
+    tensors = load_tensors(src)
+    state = model.state_dict()
+    protocol = {f"{name}.weight" for name in names}
+    changed = sorted(k for k, v in tensors.items() if k not in protocol and not torch.equal(state[k], v))
+    if changed:
+        raise SystemExit(f"peers: llm-compressor changed tensors outside the protocol Linears: {changed[:4]}")
+    numel = zeros = source_zeros = 0
+    per_linear = {}
+    for name in names:
+        key = f"{name}.weight"
+        weight = state[key].detach().to(torch.float32).clone()
+        nz = int((weight == 0).sum())
+        per_linear[name] = nz / weight.numel()
+        if per_linear[name] < 0.9 * sparsity:
+            raise SystemExit(f"peers: {name}: {per_linear[name]:.3f} of zeros, llm-compressor did not prune it")
+        if pattern == "2:4" and (weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1).lt(2).any():
+            raise SystemExit(f"peers: {name}: a group of four consecutive weights has fewer than two zeros")
+        numel += weight.numel()
+        zeros += nz
+        source_zeros += int((tensors[key] == 0).sum())
+        tensors[key] = weight
+    write_dense_folder(src, out, tensors)
+    config = {
+        "method": method,
+        "modifier": type(recipe).__name__,
+        "sparsity": sparsity,
+        "pattern": pattern,
+        "mask_structure": mask_structure,
+        "targets": list(recipe.targets),
+        "ignore": list(recipe.ignore),
+        "calib_samples": samples,
+        "calib_seqlen": seqlen,
+    }
+    if method == "sparsegpt":
+        config |= {"block_size": recipe.block_size, "dampening_frac": recipe.dampening_frac}
+    return {
+        "peer": "llmc-prune",
+        "version": llmcompressor.__version__,
+        "compressed_tensors": compressed_tensors.__version__,
+        "transformers": transformers.__version__,
+        "config": config,
+        "linears": len(names),
+        "linear_numel": numel,
+        "linear_zeros": zeros,
+        "sparsity": zeros / numel,
+        "source_sparsity": source_zeros / numel,
+        "sparsity_min": min(per_linear.values()),
+        "sparsity_max": max(per_linear.values()),
+        "prune_s": prune_s,
+        "eval_copy_s": time.perf_counter() - start,
+    }
+
+
 def _check_fake_quant(name: str, dense: torch.Tensor, module: torch.nn.Module, bits: int, group_size: int) -> None:
     """``dense`` must lie on the grid of the module's scale and zero point: compressed-tensors' int codes are
     signed, ``[-2**(bits-1), 2**(bits-1) - 1]``, and decode as ``(code - zero) * scale``."""
@@ -261,22 +367,33 @@ def _check_fake_quant(name: str, dense: torch.Tensor, module: torch.nn.Module, b
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("peer", choices=["hqq", "llmcompressor"])
+    parser.add_argument("peer", choices=["hqq", "llmcompressor", "llmc-prune"])
     parser.add_argument("--src", type=Path, required=True, help="plain HF model folder (fp32)")
-    parser.add_argument("--out", type=Path, required=True, help="output: plain fp32 folder of dequantized weights")
-    parser.add_argument("--bits", type=int, required=True)
-    parser.add_argument("--group-size", type=int, required=True, help="0: per output channel")
+    parser.add_argument("--out", type=Path, required=True, help="output: plain fp32 folder of the peer's weights")
+    parser.add_argument("--bits", type=int, help="hqq, llmcompressor: bits per code")
+    parser.add_argument("--group-size", type=int, help="hqq, llmcompressor: 0 means per output channel")
     parser.add_argument("--axis", type=int, default=1, choices=[0, 1], help="HQQ: grouping axis (default 1)")
     parser.add_argument("--tokens", type=Path, help="llm-compressor: int64 [samples, seqlen] calibration windows")
+    parser.add_argument("--method", choices=["sparsegpt", "wanda"], help="llmc-prune: the pruning modifier")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="llmc-prune: fraction of zeros (default 0.5)")
+    parser.add_argument(
+        "--pattern", choices=["unstructured", "2:4"], default="unstructured", help="llmc-prune: mask structure"
+    )
     parser.add_argument("--result", type=Path, required=True, help="JSON statistics")
     args = parser.parse_args(argv)
+    if args.peer in ("hqq", "llmcompressor") and (args.bits is None or args.group_size is None):
+        parser.error(f"{args.peer} needs --bits and --group-size")
+    if args.peer != "hqq" and args.tokens is None:
+        parser.error(f"{args.peer} needs --tokens")
+    if args.peer == "llmc-prune" and args.method is None:
+        parser.error("llmc-prune needs --method")
     torch.manual_seed(0)
     if args.peer == "hqq":
         result = quantize_hqq(args.src, args.out, args.bits, args.group_size, args.axis)
-    else:
-        if args.tokens is None:
-            parser.error("llmcompressor needs --tokens")
+    elif args.peer == "llmcompressor":
         result = quantize_llmcompressor(args.src, args.out, args.bits, args.group_size, args.tokens)
+    else:
+        result = prune_llmcompressor(args.src, args.out, args.method, args.sparsity, args.pattern, args.tokens)
     result["python"] = sys.executable
     result["torch"] = torch.__version__
     args.result.write_text(json.dumps(result, indent=2))

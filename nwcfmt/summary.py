@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from nwcfmt.codecs.registry import get_codec
@@ -33,6 +33,17 @@ class TensorStat:
     def note(self) -> str:
         """A short human summary of the codec details, e.g. ``4b g128 asym, zstd -7.9%``."""
         d = self.details
+        if "mask" in d:  # sparse: the pattern and mask, then the values codec's own note
+            inner = {k.removeprefix("values_"): v for k, v in d.items() if k.startswith("values_")}
+            if "latents" in inner:
+                values = f"target {inner['bits_target']:g}" if inner.get("bits_target") is not None else ""
+            else:
+                values = replace(self, details=inner).note
+            how = f" {d['prune']}" if "prune" in d else ""
+            return (
+                f"{d['pattern']}{how} {100 * d['sparsity']:.1f}% sparse, mask {d['mask']} "
+                f"{d['mask_bits_per_weight']:.3f} b/w; values {d['values_codec']} {values}".rstrip()
+            )
         if "latents" in d:  # entropy-coded latents: the target and where the bytes go
             total = max(sum(d["bytes"].values()), 1)
             parts = " ".join(f"{k} {100 * v / total:.1f}%" for k, v in d["bytes"].items())

@@ -116,9 +116,14 @@ def torchrun(args: list[str], nproc: int, threads: int, timeout: float = 600) ->
     return proc
 
 
-@pytest.mark.parametrize("codec", ["gptq", "ecsq"])
+@pytest.mark.parametrize("codec", ["ecsq"])
 def test_torchrun_calibrated_encode_is_byte_identical(wide_llama_dir, tmp_path, codec):
-    """Two ranks share each block's Linears (each stage's, for ecsq's staged coding): the same bytes as one."""
+    """Two ranks share each block's Linears (each stage's, for ecsq's staged coding): the same bytes as one.
+
+    ecsq only: its staged coding hands the ranks one stage's Linears at a time, the harder case; gptq (and the
+    sparse encoder) hand over a whole block's Linears through the same ``executor.map``, which
+    ``benchmarks/bench_parallel.py torchrun`` checks byte for byte on SmolLM2 (the suite's time budget keeps one
+    torchrun pair here)."""
     args = ["--codec", codec, "--bits", "3", "--calib-samples", "8", "--calib-seqlen", "32", "-q"]
     if codec == "ecsq":
         args += ["--param", "finetune=false"]  # keeps the test short; the staged tuning still runs

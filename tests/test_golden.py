@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import re
@@ -59,6 +60,7 @@ UNITS = {
     # megabytes of decoded values (packed codes above 2^20 bytes): the expected file is stored zstd-compressed
     "rtn_zstd_chunks": (["rtn_zstd_chunks.safetensors"], "rtn_zstd_chunks.expected.safetensors.zst"),
     "latent": (["latent.safetensors"], "latent.expected.safetensors"),
+    "sparse": (["sparse.safetensors"], "sparse.expected.safetensors"),
 }
 NWC_FILES = [f for files, _ in UNITS.values() for f in files]
 
@@ -168,31 +170,35 @@ def spec_decode_file(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]
             spec_check(re.fullmatch(r"[0-9a-f]{8}", ref["crc32"]) is not None, "bad crc32 spelling")
             spec_check(zlib.crc32(data) == int(ref["crc32"], 16), "checksum mismatch")
             segments[seg_name] = (e, data)
-        shape = tuple(rec["shape"])
-        spec_check(rec["codec_version"] in SPEC_VERSIONS.get(rec["codec"], (1,)), "unknown codec version")
-        if rec["codec"] == "raw":
-            spec_check(set(segments) == {"data"}, "raw has one segment, data")
-            e, data = segments["data"]
-            spec_check(e["dtype"] == MANIFEST_DTYPES[rec["dtype"]][0] and e["shape"] == shape, "raw: dtype/shape")
-            out[rec["name"]] = (rec["dtype"], shape, data)
-        elif rec["codec"] == "lossless":
-            spec_check(set(segments) == {"data", "index"}, "lossless has two segments, data and index")
-            chunk_elems = rec["params"]["chunk_elems"]
-            words = spec_decode_lossless(
-                rec["dtype"], math.prod(shape), chunk_elems, segments["data"][1], segments["index"][1]
-            )
-            out[rec["name"]] = (rec["dtype"], shape, words)
-        elif rec["codec"] in QUANT_CODECS:
-            out[rec["name"]] = (rec["dtype"], shape, spec_decode_quant(rec, segments))
-        elif rec["codec"] == "ecsq":
-            out[rec["name"]] = (rec["dtype"], shape, spec_decode_ecsq(rec, segments))
-        elif rec["codec"] == "neural":
-            out[rec["name"]] = (rec["dtype"], shape, spec_decode_neural(rec, segments))
-        else:
-            raise SpecError(f"unknown codec {rec['codec']}")
+        out[rec["name"]] = (rec["dtype"], tuple(rec["shape"]), spec_decode_record(rec, segments))
     for name, e in entries.items():
         spec_check(name in claimed or (name.startswith("__nwc_pad__.") and e["dtype"] == "U8"), f"stray {name}")
     return out
+
+
+def spec_decode_record(rec: dict, segments: dict) -> bytes:
+    """One record's decoded bytes (little-endian, row-major) from its segments ``{name: (entry, bytes)}``."""
+    shape = tuple(rec["shape"])
+    spec_check(rec["codec_version"] in SPEC_VERSIONS.get(rec["codec"], (1,)), "unknown codec version")
+    if rec["codec"] == "raw":
+        spec_check(set(segments) == {"data"}, "raw has one segment, data")
+        e, data = segments["data"]
+        spec_check(e["dtype"] == MANIFEST_DTYPES[rec["dtype"]][0] and tuple(e["shape"]) == shape, "raw: dtype/shape")
+        return data
+    if rec["codec"] == "lossless":
+        spec_check(set(segments) == {"data", "index"}, "lossless has two segments, data and index")
+        chunk_elems = rec["params"]["chunk_elems"]
+        data, index = segments["data"][1], segments["index"][1]
+        return spec_decode_lossless(rec["dtype"], math.prod(shape), chunk_elems, data, index)
+    if rec["codec"] in QUANT_CODECS:
+        return spec_decode_quant(rec, segments)
+    if rec["codec"] == "ecsq":
+        return spec_decode_ecsq(rec, segments)
+    if rec["codec"] == "neural":
+        return spec_decode_neural(rec, segments)
+    if rec["codec"] == "sparse":
+        return spec_decode_sparse(rec, segments)
+    raise SpecError(f"unknown codec {rec['codec']}")
 
 
 def spec_lossless_chunks(dtype: str, n: int, chunk_elems: int, data: bytes, index: bytes):
@@ -555,6 +561,77 @@ def spec_decode_neural(rec: dict, segments: dict) -> bytes:
     return spec_to_dtype((matrix * scale[:, None]).astype(np.float32), rec["dtype"])
 
 
+def spec_nm_sets(n: int, m: int) -> list[list[int]]:
+    """sparse.md section 3: the kept sets of an N:M group as 0/1 lists, in increasing order of their bitmask."""
+    masks = sorted(sum(1 << j for j in kept) for kept in itertools.combinations(range(m), n))
+    return [[(b >> j) & 1 for j in range(m)] for b in masks]
+
+
+def spec_decode_sparse(rec: dict, segments: dict) -> bytes:
+    shape, params = tuple(rec["shape"]), rec["params"]
+    spec_check(rec["dtype"] in QUANT_DTYPES and len(shape) >= 1 and math.prod(shape) > 0, "sparse dtype/shape")
+    rows = shape[0] if len(shape) >= 2 else 1
+    cols = math.prod(shape) // rows
+    if params["pattern"] == "unstructured":
+        n = m = 0
+        positions, alphabet = cols, 2
+    else:
+        match = re.fullmatch(r"(\d+):(\d+)", params["pattern"])
+        spec_check(match is not None, "pattern")
+        n, m = int(match.group(1)), int(match.group(2))
+        spec_check(1 <= n < m <= 8 and cols % m == 0, "N:M pattern")
+        positions, alphabet = cols // m, math.comb(m, n)
+    nnz = params["nnz"]
+    spec_check(isinstance(nnz, int) and 0 <= nnz <= rows * cols, "nnz")
+    spec_check(m == 0 or nnz == rows * cols // m * n, "N:M nnz")
+    mask_segments = {k for k in segments if not k.startswith("values.")}
+    if params["mask_coding"] == "bits":
+        spec_check(mask_segments == {"data"}, "bits mask segments")
+        packed = spec_array(segments, "data", "U8", (-(-rows * cols // 8),))
+        bits = [(int(packed[i // 8]) >> (i % 8)) & 1 for i in range(8 * packed.size)]
+        spec_check(not any(bits[rows * cols :]), "mask padding bits not 0")
+        keep = bits[: rows * cols]
+        for g in range(rows * cols // m if m else 0):
+            spec_check(sum(keep[g * m : (g + 1) * m]) == n, "an N:M group keeps another count")
+    else:
+        spec_check(params["mask_coding"] == "rans", "mask coding")
+        lane, levels_n = params["mask_lane_symbols"], params["mask_levels"]
+        spec_check(1024 <= lane <= 1 << 24 and 1 <= levels_n <= 16, "mask stream params")
+        names = {"data", "mask_lanes", "mask_tables"} | ({"mask_levels"} if levels_n > 1 else set())
+        spec_check(mask_segments == names, "rans mask segments")
+        freqs = spec_array(segments, "mask_tables", "U16", (levels_n, alphabet))
+        levels = spec_array(segments, "mask_levels", "U8", (positions,)) if levels_n > 1 else np.zeros(positions)
+        spec_check(int(levels.max(initial=0)) < levels_n, "mask level out of range")
+        symbols = spec_rans_symbols(
+            rows * positions,
+            lane,
+            spec_array(segments, "data", "U16"),
+            spec_array(segments, "mask_lanes", "U32"),
+            freqs,
+            lambda i: int(levels[i % positions]),
+        )
+        sets = spec_nm_sets(n, m) if m else None
+        keep = list(symbols) if sets is None else [b for s in symbols for b in sets[s]]
+    spec_check(sum(keep) == nnz, "the mask does not keep nnz elements")
+    spec_check(params["values_codec"] != "sparse", "values codec")
+    width = max(1, -(-nnz // rows))
+    inner = {
+        "codec": params["values_codec"],
+        "codec_version": params["values_codec_version"],
+        "dtype": rec["dtype"],
+        "shape": [-(-nnz // width), width],
+        "params": params["values_params"],
+    }
+    values = spec_decode_record(inner, {k[len("values.") :]: v for k, v in segments.items() if k.startswith("values.")})
+    size = MANIFEST_DTYPES[rec["dtype"]][1]
+    out, k = bytearray(rows * cols * size), 0
+    for i, kept in enumerate(keep):
+        if kept:
+            out[i * size : (i + 1) * size] = values[k * size : (k + 1) * size]
+            k += 1
+    return bytes(out)
+
+
 # ============================================================================================== the tests
 
 
@@ -875,6 +952,26 @@ def test_quant_golden_files_cover_the_spec():
     assert wanted <= seen, wanted - seen
 
 
+def test_sparse_golden_covers_the_spec():
+    """sparse.safetensors holds what codecs/sparse.md describes: both mask codings, mask levels and several lanes,
+    N:M symbols, ragged and per-row values matrices, several values codecs, nnz = 0 and nothing pruned."""
+    found = list(_records("sparse.safetensors"))
+    records = {r["name"]: r for r, _ in found}
+    params = [r["params"] for r in records.values()]
+    assert {p["mask_coding"] for p in params} == {"bits", "rans"}
+    assert any(p.get("mask_levels", 1) > 1 for p in params)
+    assert {p["pattern"] for p in params} >= {"unstructured", "2:4", "4:8", "1:3"}
+    assert {p["values_codec"] for p in params} >= {"raw", "lossless", "rtn", "ecsq"}
+    assert any(p["nnz"] == 0 for p in params)
+    assert any(p["nnz"] == math.prod(r["shape"]) for r in records.values() for p in [r["params"]])
+    lanes = [segments["mask_lanes"][0]["shape"][0] for _, segments in found if "mask_lanes" in segments]
+    assert max(lanes) > 1
+    rows_of = {n: (r["shape"][0] if len(r["shape"]) >= 2 else 1) for n, r in records.items()}
+    ragged = [n for n, r in records.items() if r["params"]["nnz"] % rows_of[n]]
+    assert ragged, "no values matrix whose rows straddle the tensor's rows"
+    assert any(len(r["shape"]) == 1 for r in records.values()) and any(len(r["shape"]) == 3 for r in records.values())
+
+
 def test_quant_worked_examples():
     """The examples of spec/codecs/quant.md section 7, byte for byte."""
     records = dict((rec["name"], (rec, seg)) for rec, seg in _records("quant_layout.safetensors"))
@@ -924,7 +1021,7 @@ def test_rtn_worked_example():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("unit", ["quant_layout", "rtn", "rtn_zstd_chunks", "latent"])
+@pytest.mark.parametrize("unit", ["quant_layout", "rtn", "rtn_zstd_chunks", "latent", "sparse"])
 def test_nwcfmt_decodes_quant_golden_on_cuda(unit):
     """quant.md 5.1 and latent.md 4 (the Triton rANS decoder, then the fp32 product): the same bits on the GPU;
     latent.md 5: ``neural`` values within the spec's tolerance (its latents are exact or decoding fails)."""

@@ -6,7 +6,7 @@ tensors, 192 MB each) is written a tensor at a time; each ``nwc`` command runs i
 ``RssAnon`` is sampled every 20 ms (mapped file pages are not counted: reading a memory-mapped checkpoint touches
 them without allocating). The bounds are stated over the floor of a process that only imports what ``nwc encode``
 imports. Calibrated encodes are checked on narrower checkpoints (GPTQ on width 2048 takes minutes a block here):
-2 and 16 blocks of width 512 must peak alike, within a bound in largest tensors that covers one fp32 block, the
+2 and 12 blocks of width 512 must peak alike, within a bound in largest tensors that covers one fp32 block, the
 fp32 embedding read once to embed the calibration tokens, and GPTQ's [cols, cols] fp64 workspaces.
 ``benchmarks/bench_memory.py`` runs the same on larger checkpoints (the README quotes one larger than RAM).
 """
@@ -55,10 +55,11 @@ def test_data_free_encode_and_decode_stay_within_a_few_tensors(checkpoint, tmp_p
 
 
 def test_calibrated_encode_does_not_grow_with_depth(tmp_path):
-    """2 and 16 blocks of width 512: holding the model would add 14 fp32 blocks (158 MB); one block at a time adds
-    nothing but allocator noise."""
+    """2 and 12 blocks of width 512: holding the model would add 10 fp32 blocks (108 MB); one block at a time adds
+    nothing but allocator noise. (The 2-block peak itself varies by about +-20 MB between runs: measured 570 to
+    620 MB against 594 to 635 MB at 10 blocks, on this code and on the commit before it; hence 0.6, not 0.5.)"""
     peaks = {}
-    for layers in (2, 16):
+    for layers in (2, 12):
         src = tmp_path / f"src{layers}"
         src.mkdir()
         _, largest = write_checkpoint(src, 512, layers, 1408, shard_bytes=300 << 20)
@@ -66,14 +67,17 @@ def test_calibrated_encode_does_not_grow_with_depth(tmp_path):
         seconds, peaks[layers] = run_measured([*args, "--calib-samples", "4", "--calib-seqlen", "64", "-q"])
         print(f"gptq, {layers} blocks of width 512: {seconds:.1f} s, peak anon {peaks[layers]:.0f} MB")
     block_mb = 4 * (2 * 512 * 512 + 2 * 128 * 512 + 3 * 1408 * 512) / 2**20  # one fp32 block
-    assert peaks[16] - peaks[2] <= 0.5 * 14 * block_mb
-    assert peaks[16] - baseline_mb() <= CALIBRATED_BOUND * largest / 2**20
+    assert peaks[12] - peaks[2] <= 0.6 * 10 * block_mb
+    assert peaks[12] - baseline_mb() <= CALIBRATED_BOUND * largest / 2**20
 
 
-def test_killed_encode_resumes_from_its_finished_shards(checkpoint, tmp_path):
+def test_killed_encode_resumes_from_its_finished_shards(tmp_path):
     """SIGKILL once two shards are finished (one per block: --max-shard-size 1); the same command finishes the
-    job without rewriting them, and the result is the bytes of an uninterrupted run."""
-    src, _, _ = checkpoint
+    job without rewriting them, and the result is the bytes of an uninterrupted run. (A checkpoint of about
+    300 MB, 8 blocks of width 1024: resuming does not depend on the size, and three encodes of it are quick.)"""
+    src = tmp_path / "src"
+    src.mkdir()
+    write_checkpoint(src, 1024, 8, 2816, shard_bytes=100 << 20)
     args = ["encode", str(src), "--codec", "rtn", "--bits", "3", "--max-shard-size", "1", "-q"]
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "nwcfmt.cli.main", *args, "-o", str(out)])

@@ -28,6 +28,7 @@ BUILTIN_METHOD_MODULES = (
     "nwcfmt.codecs.flexround",
     "nwcfmt.codecs.lrq",
     "nwcfmt.encoders.calibrated_latent",  # ecsq, neural
+    "nwcfmt.encoders.sparse",  # sparse (Wanda, SparseGPT, reconstruction)
 )
 
 _METHODS: dict[str, MethodFactory] = {}

@@ -99,8 +99,62 @@ def calibration_batches(
     offsets = torch.randint(0, len(text), (samples,), generator=generator).tolist()
     starts = [min(_word_start(text, o), len(text) - 1) for o in offsets]
     windows = torch.tensor(_windows(tokenizer, text, starts, seqlen), dtype=torch.long)
+    return _batches(windows, batch_size)
+
+
+def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    samples = windows.shape[0]
     size = max(d for d in range(1, min(batch_size, samples) + 1) if samples % d == 0)
     return list(windows.split(size))
+
+
+GREEDY_TOKENS = 3  # self-generated windows: tokens after the random first one chosen greedily, before sampling
+
+
+def generated_batches(
+    model_dir: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: int = DEFAULT_SAMPLES,
+    seqlen: int = DEFAULT_SEQLEN,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """Self-generated calibration windows (``--calib self``; Shin et al., EMNLP 2024, after LLM-QAT): the model
+    writes each window from a uniformly random first token (no special token), :data:`GREEDY_TOKENS` greedy
+    tokens, then tokens sampled from its full distribution (temperature 1, no top-k/top-p), never stopping at
+    EOS. Seeded, so the same model and seed give the same windows. Needs the whole model in memory (fp32) once,
+    before calibration starts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if samples < 1 or seqlen < 2 or batch_size < 1:
+        raise InputError("calibration needs samples >= 1, seqlen >= 2 and batch_size >= 1")
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if not any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or ()):
+        raise InputError("--calib self needs a causal language model (it writes its own calibration text)")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    vocab = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
+    special = set(tokenizer.all_special_ids)
+    allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    first = allowed[torch.randint(allowed.numel(), (samples,), generator=gen)]
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    windows = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, samples, batch_size):
+            ids = first[start : start + batch_size, None]
+            mask = torch.ones_like(ids)
+            common = {"pad_token_id": pad, "attention_mask": mask}
+            greedy = min(GREEDY_TOKENS, seqlen - 1)
+            ids = model.generate(ids, max_new_tokens=greedy, min_new_tokens=greedy, do_sample=False, **common)
+            rest = seqlen - ids.shape[1]
+            if rest > 0:
+                common["attention_mask"] = torch.ones_like(ids)
+                ids = model.generate(
+                    ids, max_new_tokens=rest, min_new_tokens=rest, do_sample=True, top_k=0, top_p=1.0, **common
+                )
+            windows.append(ids[:, :seqlen])
+    return _batches(torch.cat(windows), batch_size)
 
 
 def read_text_file(path: str | os.PathLike) -> str:

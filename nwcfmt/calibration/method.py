@@ -50,6 +50,7 @@ class BlockData:
     shared_claims: int = 0  # records of this codec in the block's output file (its shared segments are amortised
     # over them)
     executor: Executor = INLINE  # runs the block's independent per-Linear work (owner ranks under torchrun)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # Linear name -> the checkpoint's dtype
 
 
 class BlockQuantizer(Protocol):
@@ -65,3 +66,12 @@ class BlockQuantizer(Protocol):
         """Quantize the given Linears of ``block`` (fp32, on the CPU). May run ``block`` forward/backward, but
         must leave its weights as it found them: the pipeline loads the results' weights itself."""
         ...
+
+
+def require_hessians(linears: dict[str, torch.nn.Linear], data: BlockData, codec_id: str) -> None:
+    """EncodeError unless ``data`` holds the Hessian of every Linear of ``linears``."""
+    from nwcfmt.errors import EncodeError
+
+    for name in linears:
+        if name not in data.hessians:
+            raise EncodeError(f"{codec_id}: block {data.index} has no Hessian for {name!r}")

@@ -65,7 +65,13 @@ from nwcfmt.calibration.blocks import (
     refuse_config,
     run_block,
 )
-from nwcfmt.calibration.data import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_batches
+from nwcfmt.calibration.data import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQLEN,
+    calibration_batches,
+    generated_batches,
+)
 from nwcfmt.calibration.hessian import HessianCollector
 from nwcfmt.calibration.method import BlockData, BlockQuantizer, LinearResult
 from nwcfmt.codecs.base import Codec, EncodeContext, EncodedTensor
@@ -93,11 +99,12 @@ class CalibOptions:
     seqlen: int = DEFAULT_SEQLEN
     batch_size: int = DEFAULT_BATCH_SIZE
     seed: int = 0
+    generate: bool = False  # ``--calib self``: the model writes its own calibration windows
 
     def fingerprint(self) -> dict[str, Any]:
         digest = hashlib.sha256(self.text.encode()).hexdigest() if self.text is not None else "default"
         return {
-            "text_sha256": digest,
+            "text_sha256": "self-generated" if self.generate else digest,
             "samples": self.samples,
             "seqlen": self.seqlen,
             "batch_size": self.batch_size,
@@ -505,6 +512,7 @@ def _quantize(
         tokens=collector.rows,
         shared_claims=shared_claims,
         executor=executor,
+        dtypes={t.name: t.dtype for t in targets},
     )
     del outputs
     with torch.random.fork_rng(devices=[]):
@@ -624,7 +632,10 @@ def encode_calibrated(
         "calib": calib.fingerprint(),
         "tensors": [t.tensor for block in targets for t in block],
     }
-    batches = calibration_batches(tokenizer, calib.text, calib.samples, calib.seqlen, calib.batch_size, calib.seed)
+    if calib.generate:
+        batches = generated_batches(src, tokenizer, calib.samples, calib.seqlen, calib.batch_size, calib.seed)
+    else:
+        batches = calibration_batches(tokenizer, calib.text, calib.samples, calib.seqlen, calib.batch_size, calib.seed)
     state = ResumeState(resume_dir(dst), json.loads(json.dumps(fingerprint)), resume, writer=executor.is_main)
     executor.barrier()  # the other ranks read the state rank 0 has checked (or cleared)
     base = _base_prefix(model, layout)

@@ -187,13 +187,42 @@ def hub_options(fn: Callable) -> Callable:
     "calib_file",
     type=click.Path(path_type=Path),
     default=None,
-    help="Calibrated codecs: UTF-8 calibration text [the project's: State of the Union speeches before 2000].",
+    help="Calibrated codecs: UTF-8 calibration text, or 'self' for text the model writes itself "
+    "[the project's: State of the Union speeches before 2000].",
 )
 @click.option(
     "--calib-samples", type=click.IntRange(min=1), default=None, help="Calibrated codecs: token windows [128]."
 )
 @click.option(
     "--calib-seqlen", type=click.IntRange(min=2), default=None, help="Calibrated codecs: tokens per window [256]."
+)
+@click.option(
+    "--prune",
+    type=click.Choice(["magnitude", "random", "wanda", "sparsegpt"]),
+    default=None,
+    help="Store sparse tensors: prune by this method, then code the kept values with --codec (wanda and "
+    "sparsegpt calibrate).",
+)
+@click.option(
+    "--sparsity", type=click.FloatRange(0.0, 1.0, max_open=True), default=None, help="--prune: fraction pruned [0.5]."
+)
+@click.option(
+    "--sparsity-pattern",
+    default=None,
+    metavar="unstructured|N:M",
+    help="--prune: unstructured, or N kept in every M consecutive weights of a row, e.g. 2:4 [unstructured].",
+)
+@click.option(
+    "--prune-scope",
+    type=click.Choice(["layer", "global"]),
+    default=None,
+    help="--prune magnitude: rank weights per tensor, or over the whole model [layer].",
+)
+@click.option(
+    "--reconstruct",
+    is_flag=True,
+    default=None,
+    help="--prune: fine-tune the kept weights on each block's output (calibrated; kept only if held-out MSE falls).",
 )
 @click.option("--no-resume", is_flag=True, help="Discard the finished shards of an interrupted encode, start over.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
@@ -223,8 +252,15 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
     hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
     no_resume = options.pop("no_resume")
     calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen")}
+    sparse = {key: options.pop(key) for key in ("prune", "sparsity", "sparsity_pattern", "prune_scope", "reconstruct")}
     codec_params = {**{k: v for k, v in options.items() if v is not None}, **parse_params(params)}  # quantizer
+    if sparse["prune"] is not None:
+        codec, codec_params = "sparse", _sparse_params(codec, codec_params, sparse, policy_file)
+    elif any(v is not None for v in sparse.values()):
+        raise InputError("--sparsity, --sparsity-pattern, --prune-scope and --reconstruct need --prune")
     factory = get_method(codec) if codec else None
+    if codec == "sparse" and not _sparse_codec(codec_params).calibrated:
+        factory = None
     if factory is None and any(v is not None for v in calib.values()):
         raise InputError("--calib, --calib-samples and --calib-seqlen apply to calibrated codecs only")
     shard_bytes = parse_size(max_shard_size) if max_shard_size else None
@@ -276,6 +312,51 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
         executor.close()
 
 
+def _sparse_params(codec: str | None, values: dict, sparse: dict, policy_file) -> dict:
+    """The sparse codec's config for ``--prune``: the kept values coded by ``codec`` with its params."""
+    if codec == "sparse":
+        raise InputError("--prune makes sparse tensors itself: give --codec the codec of the kept values")
+    if codec is None and policy_file:
+        raise InputError("--prune with --policy: name the values codec with --codec")
+    params = {
+        "values_codec": codec or "lossless",
+        "values": values,
+        "prune": sparse["prune"],
+        "sparsity": 0.5 if sparse["sparsity"] is None else sparse["sparsity"],
+        "pattern": sparse["sparsity_pattern"] or "unstructured",
+        "scope": sparse["prune_scope"] or "layer",
+        "reconstruct": bool(sparse["reconstruct"]),
+    }
+    _sparse_codec(params)
+    return params
+
+
+def _sparse_codec(params: dict):
+    from nwcfmt.codecs.sparse import SparseCodec
+
+    try:
+        return SparseCodec(**params)
+    except TypeError as exc:
+        raise InputError(f"--prune: invalid values codec params {params.get('values')} ({exc})") from None
+
+
+def _global_threshold(policy, src: Path, quiet: bool) -> None:
+    """``--prune-scope global``: the model-wide magnitude threshold, found by two passes over the tensors the
+    policy prunes, written into the policy's sparse params."""
+    from nwcfmt.encoders.prune import global_threshold
+    from nwcfmt.sources import WeightSource
+
+    source = WeightSource.open(src)
+    names = [n for n in source.locations if policy.choose(n, source.get(n)).codec_id == "sparse"]
+    found = global_threshold(lambda: (source.get(n) for n in names), policy.params["sparsity"])
+    policy.params = {**policy.params, "threshold": found.threshold, "tie_fraction": found.tie_fraction}
+    if not quiet:
+        click.echo(
+            f"nwc: global magnitude threshold {found.threshold:.6g} prunes {found.pruned} of {found.total} weights",
+            err=True,
+        )
+
+
 def _encode_data_free(
     src, dst, codec, codec_params, policy_file, exclude, shard_bytes, overwrite, quiet, hub, no_resume, executor
 ) -> None:
@@ -293,6 +374,8 @@ def _encode_data_free(
     policy.exclude = [*policy.exclude, *exclude]
     base_model = None if Path(src).exists() else src
     src = resolve_source(src, **hub, progress=not quiet)
+    if codec == "sparse" and codec_params.get("scope") == "global":
+        _global_threshold(policy, Path(src), quiet)
     total = WeightSource.open(src).total_bytes
     try:
         with progress_bar(total, "encode", quiet) as update:
@@ -395,10 +478,13 @@ def _encode_calibrated(
     from nwcfmt.hub import resolve_source
     from nwcfmt.policy import Policy
 
-    text = read_text_file(calib["calib_file"]) if calib["calib_file"] else None
+    generate = calib["calib_file"] is not None and str(calib["calib_file"]) == "self"
+    text = read_text_file(calib["calib_file"]) if calib["calib_file"] and not generate else None
+    name = "self-generated" if generate else Path(calib["calib_file"]).name if calib["calib_file"] else None
     options = CalibOptions(
         text=text,
-        text_name=Path(calib["calib_file"]).name if calib["calib_file"] else CalibOptions.text_name,
+        generate=generate,
+        text_name=name or CalibOptions.text_name,
         samples=calib["calib_samples"] or DEFAULT_SAMPLES,
         seqlen=calib["calib_seqlen"] or DEFAULT_SEQLEN,
     )

@@ -30,7 +30,7 @@ import torch
 
 from nwcfmt.calibration import register_method
 from nwcfmt.calibration.hessian import damped_inverse_cholesky
-from nwcfmt.calibration.method import BlockData, LinearResult
+from nwcfmt.calibration.method import BlockData, LinearResult, require_hessians
 from nwcfmt.codecs.quant import GroupQuantCodec, QuantLayout
 from nwcfmt.codecs.registry import register_codec
 from nwcfmt.codecs.rtn import grouped_view, quantize_groups, stored_scale
@@ -127,11 +127,17 @@ def shrink_candidates(symmetric: bool) -> list[tuple[float, float]]:
 
 @_one_thread()
 def init_grid(
-    weight: torch.Tensor, hessian: torch.Tensor, layout: QuantLayout, scale_dtype: str, search: bool = True
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    layout: QuantLayout,
+    scale_dtype: str,
+    search: bool = True,
+    element_weights: torch.Tensor | None = None,
 ) -> Grid:
     """Stage 1: the static grid (:class:`Grid`). ``search``: per group, the candidate range of
     :func:`shrink_candidates` with the least H-weighted round-to-nearest loss (:func:`group_losses`); else plain
-    min-max (the ``rtn`` grid)."""
+    min-max (the ``rtn`` grid). ``element_weights`` (``[rows, cols]``) replace ``diag(H)`` of each element's
+    column as the weights of the search (sparse values, whose columns are not the Hessian's)."""
     w, mask = grouped_view(weight, layout)
     big = torch.finfo(torch.float32).max
     lo = torch.where(mask, w, big).amin(-1).clamp(max=0)
@@ -140,7 +146,11 @@ def init_grid(
     codes, scale, zero = quantize_groups(w, lo, hi, *args)
     if not search:
         return Grid(scale, zero)
-    weights = _diag_weights(hessian, layout)
+    if element_weights is not None:
+        weights = grouped_view(element_weights.to(torch.float32), layout)[0]
+    else:
+        assert hessian is not None
+        weights = _diag_weights(hessian, layout)
     best = _group_sums((w - (codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1)) * mask, weights)
     for ratio_lo, ratio_hi in shrink_candidates(layout.symmetric)[1:]:
         c, s, z = quantize_groups(w, lo * ratio_lo, hi * ratio_hi, *args)
@@ -438,9 +448,7 @@ class GptqMethod:
     def quantize_block(
         self, block: torch.nn.Module, linears: dict[str, torch.nn.Linear], data: BlockData
     ) -> dict[str, LinearResult]:
-        for name in linears:
-            if name not in data.hessians:
-                raise EncodeError(f"gptq: block {data.index} has no Hessian for {name!r}")
+        require_hessians(linears, data, "gptq")
         jobs = [(linear.weight.detach(), data.hessians[name]) for name, linear in linears.items()]
         costs = [float(linear.weight.numel() * linear.in_features) for linear in linears.values()]
         return dict(zip(linears, data.executor.map(self.codec.quantize_with_hessian, jobs, costs), strict=True))

@@ -15,7 +15,13 @@ from types import ModuleType
 REGISTRY_MODULE = "transformers.quantizers.auto"
 
 
+INTEGRATION_MODULE = "nwcfmt.integrations.transformers"
+
+
 def _register(registry: ModuleType) -> None:
+    partial = sys.modules.get(INTEGRATION_MODULE)
+    if partial is not None and not hasattr(partial, "register"):
+        return  # the registry loads because our module is importing transformers: it registers itself when done
     from nwcfmt.integrations.transformers import register
 
     register(registry)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -283,3 +284,7 @@ def from_pretrained(name_or_path: str | Path, *args: Any, auto_class: Any = None
         causal = any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or ())
         auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     return auto_class.from_pretrained(name_or_path, *args, **kwargs)
+
+
+if "transformers.quantizers.auto" in sys.modules:  # loaded while this module was importing it (see integrations)
+    register(sys.modules["transformers.quantizers.auto"])

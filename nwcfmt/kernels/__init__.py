@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -26,7 +27,16 @@ import torch
 from nwcfmt.kernels import cpu, reference
 from nwcfmt.kernels.reference import dequantize, pack_codes, row_bytes, unpack_codes
 
-__all__ = ["backend_for", "dequantize", "dequantize_packed", "kernel_mode", "pack_codes", "row_bytes", "unpack_codes"]
+__all__ = [
+    "backend_for",
+    "dequantize",
+    "dequantize_packed",
+    "kernel_mode",
+    "pack_codes",
+    "row_bytes",
+    "scatter_kept",
+    "unpack_codes",
+]
 
 ENV_VAR = "NWC_KERNELS"
 MODES = ("auto", "reference", "triton")
@@ -52,6 +62,16 @@ def _triton_module() -> ModuleType | str:
     return triton_dequant
 
 
+@functools.cache
+def _scatter_module() -> ModuleType | str:
+    """The Triton scatter kernel module, or why it cannot be imported."""
+    try:
+        from nwcfmt.kernels import triton_scatter
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return triton_scatter
+
+
 def backend_for(device: torch.device | str) -> str:
     """``"triton"`` or ``"reference"``: what :func:`dequantize_packed` uses for tensors on ``device``."""
     mode = kernel_mode()
@@ -73,6 +93,26 @@ def _disable_triton(reason: str) -> None:
         _triton_broken = reason
 
 
+def _run_triton(kernel: Callable[[], torch.Tensor], reason: str | None, what: str) -> torch.Tensor | None:
+    """Run a Triton kernel under the ``NWC_KERNELS`` rules (module docstring): its result, or None when the
+    caller should use the reference (the kernel does not take these arguments, ``reason``; or it failed in
+    ``auto`` mode, which turns Triton off for the rest of the process)."""
+    if reason is None:
+        if kernel_mode() == "triton":
+            return kernel()
+        try:
+            return kernel()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a compiler or driver problem: degrade to the reference, once
+            _disable_triton(f"{type(exc).__name__}: {exc}")
+            return None
+    if kernel_mode() == "triton":
+        raise ValueError(f"{ENV_VAR}=triton but the Triton {what} does not support {reason}")
+    log.debug("nwcfmt: torch reference %s (%s)", what, reason)
+    return None
+
+
 def dequantize_packed(
     packed: torch.Tensor,
     scale: torch.Tensor,
@@ -90,20 +130,27 @@ def dequantize_packed(
     if backend_for(packed.device) == "triton":
         kernels = _triton_module()
         assert not isinstance(kernels, str)
-        reason = kernels.unsupported_reason(packed, scale, zero, bits, group_size, cols, out_dtype)
-        if reason is None:
-            if kernel_mode() == "triton":
-                return kernels.dequantize_packed(packed, scale, zero, bits, group_size, cols, out_dtype)
-            try:
-                return kernels.dequantize_packed(packed, scale, zero, bits, group_size, cols, out_dtype)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as exc:  # a compiler or driver problem: degrade to the reference, once
-                _disable_triton(f"{type(exc).__name__}: {exc}")
-        elif kernel_mode() == "triton":
-            raise ValueError(f"{ENV_VAR}=triton but the Triton kernels do not support {reason}")
-        else:
-            log.debug("nwcfmt: torch reference dequantization (%s)", reason)
+        args = (packed, scale, zero, bits, group_size, cols, out_dtype)
+        out = _run_triton(lambda: kernels.dequantize_packed(*args), kernels.unsupported_reason(*args), "kernels")
+        if out is not None:
+            return out
     if packed.device.type == "cpu" and cpu.available(out_dtype):  # the optional native CPU kernel, same bits
         return cpu.dequantize_packed(packed, scale, zero, bits, group_size, cols, out_dtype)
     return reference.dequantize_packed(packed, scale, zero, bits, group_size, cols, out_dtype)
+
+
+def scatter_kept(keep: torch.Tensor, values: torch.Tensor, out_dtype: torch.dtype, nnz: int) -> torch.Tensor:
+    """A sparse record's dense values: ``values[:nnz]`` where the flat bool ``keep`` is set, +0 elsewhere.
+
+    Same contract and bits as :func:`nwcfmt.kernels.reference.scatter_kept`; the Triton kernel
+    (:mod:`nwcfmt.kernels.triton_scatter`) runs for CUDA tensors under the rules of the module docstring.
+    """
+    values = values.reshape(-1)
+    if backend_for(keep.device) == "triton":
+        module = _scatter_module()
+        args = (keep, values.to(out_dtype), out_dtype)
+        reason = module if isinstance(module, str) else module.unsupported_reason(*args)
+        out = _run_triton(lambda: module.scatter_kept(*args, nnz), reason, "scatter kernel")  # type: ignore[union-attr]
+        if out is not None:
+            return out
+    return reference.scatter_kept(keep, values, out_dtype, nnz)

@@ -120,3 +120,10 @@ def dequantize_packed(
 ) -> torch.Tensor:
     """Unpack and dequantize in one call (the reference for the fused kernels)."""
     return dequantize(unpack_codes(packed, bits, cols), scale, zero, group_size, out_dtype)
+
+
+def scatter_kept(keep: torch.Tensor, values: torch.Tensor, out_dtype: torch.dtype, nnz: int) -> torch.Tensor:
+    """``[n]`` dense tensor of a sparse record: ``values[:nnz]`` (in order) where the flat bool ``keep`` is set,
+    +0 elsewhere, on ``keep``'s device. Values are copied, never converted, when they are in ``out_dtype``."""
+    out = torch.zeros(keep.numel(), dtype=out_dtype, device=keep.device)
+    return out.masked_scatter_(keep.bool(), values.reshape(-1)[:nnz].to(out_dtype))

@@ -513,6 +513,54 @@ def build_latent(path: Path) -> dict[str, torch.Tensor]:
     return decode_all(path)
 
 
+def column_skewed_mask(seed: str, rows: int, cols: int) -> torch.Tensor:
+    """A mask whose columns have very different keep rates (what Wanda's input norms give, exaggerated so that a
+    small tensor pays for its mask levels): column c is kept where a SHAKE-256 byte is below 4 (c even) or 252
+    (c odd), so the even columns are almost always pruned and the odd ones almost always kept."""
+    u = torch.from_numpy(random_bytes(seed, rows * cols).astype(np.int64)).reshape(rows, cols)
+    limits = torch.where(torch.arange(cols) % 2 == 0, 4, 252)
+    return u < limits
+
+
+def build_sparse(path: Path) -> dict[str, torch.Tensor]:
+    """codecs/sparse.md: masks stored as plain bits and as rANS symbols (unstructured with one and several mask
+    levels and several lanes, 2:4, 4:8 and 1:3 group symbols), values coded by raw, lossless, rtn and ecsq, ragged
+    rows (a values matrix whose rows straddle tensor rows, zero padding), per-row counts ([rows, kept] values),
+    1-D and 3-D tensors, nothing kept (``nnz = 0``) and everything kept. (Values coded by ``neural`` are left to
+    the unit tests: its network alone would take 27 kB here.)"""
+    from nwcfmt.codecs.mask import Pattern
+    from nwcfmt.codecs.sparse import encode_values, sparse_encoded
+
+    bf, hf, ff = torch.bfloat16, torch.float16, torch.float32
+    with NwcWriter(path) as w:
+        w.write("mag50.raw.bf16", weights("sparse.a", (24, 40), bf), "sparse", values_codec="raw")
+        w.write("mag70.raw.fp32", weights("sparse.b", (12, 50), ff), "sparse", sparsity=0.7, values_codec="raw")
+        w.write("rand60.lossless.bf16", weights("sparse.c", (32, 64), bf), "sparse", prune="random", sparsity=0.6,
+                values_codec="lossless")  # fmt: skip
+        w.write("nm24.rtn4.fp16", weights("sparse.d", (16, 64), hf), "sparse", pattern="2:4", values_codec="rtn",
+                values={"bits": 4, "group_size": 16})  # fmt: skip
+        w.write("nm48.raw.bf16.3d", weights("sparse.e", (2, 6, 32), bf), "sparse", pattern="4:8", values_codec="raw")
+        w.write("nm13.rtn3.bf16", weights("sparse.f", (8, 48), bf), "sparse", pattern="1:3", values_codec="rtn",
+                values={"bits": 3, "group_size": 0, "symmetric": True})  # fmt: skip
+        w.write("mag50.ecsq.fp32.1d", weights("sparse.g", (1200,), ff), "sparse", values_codec="ecsq",
+                values={"bits": 3, "lane_symbols": 1024})  # fmt: skip
+        w.write("one_kept.bf16", weights("sparse.i", (4, 8), bf), "sparse", sparsity=0.99, values_codec="raw")
+        w.write("none_pruned.fp16", weights("sparse.j", (5, 7), hf), "sparse", sparsity=0.0, values_codec="raw")
+        # hand-built masks: column-skewed (several mask levels, rANS, two lanes), and nothing kept
+        for name, rows, cols, dtype, values in (
+            ("levels.raw.bf16", 48, 64, bf, ("raw", {})),
+            ("levels.rtn4.fp32", 24, 64, ff, ("rtn", {"bits": 4, "group_size": 8})),
+            ("none_kept.fp32", 3, 5, ff, ("raw", {})),
+        ):
+            tensor = weights(f"sparse.{name}", (rows, cols), dtype)
+            keep = column_skewed_mask(f"sparse.mask.{name}", rows, cols) if rows > 3 else torch.zeros(rows, cols) > 0
+            codec = nwcfmt.codecs.get_codec(values[0])(**values[1])
+            inner, encoded = encode_values(name, tensor.float(), keep, dtype, codec, None)
+            record = sparse_encoded(keep, Pattern(), inner, encoded, {"prune": "hand-built"}, lane_symbols=1024)
+            w.append(name, tensor, nwcfmt.codecs.get_codec("sparse")(), record)
+    return decode_all(path)
+
+
 BUILDERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
     "raw_dtypes.safetensors": build_raw_dtypes,
     "lossless_bf16.safetensors": build_lossless_bf16,
@@ -524,6 +572,7 @@ BUILDERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
     "rtn.safetensors": build_rtn,
     "rtn_zstd_chunks.safetensors": build_rtn_zstd_chunks,
     "latent.safetensors": build_latent,
+    "sparse.safetensors": build_sparse,
 }
 # expected-values files too large to commit as they are (megabytes of repeated values): stored zstd-compressed
 COMPRESSED_EXPECTED = {"rtn_zstd_chunks.safetensors"}
