@@ -101,6 +101,13 @@ def _build_seeds(folder: Path) -> dict[str, tuple[bytes, bool]]:
         w.write("e", torch.randn(40, 64, generator=g) * 0.02, "ecsq", bits=3, lane_symbols=1024)
         w.write("c", torch.full((5, 70), 0.25), "ecsq", bits=4, lane_symbols=1024)
 
+    # sparse: a plain bitmask with raw values and a rANS 2:4 mask with rtn values (entropy-coded values are the
+    # latent seed's; kept small, as every case decodes the whole seed)
+    paths["sparse"] = folder / "sparse.safetensors"
+    with NwcWriter(paths["sparse"]) as w:
+        w.write("m", (torch.randn(8, 48, generator=g) * 0.02).bfloat16(), "sparse", values_codec="raw")
+        w.write("n", torch.randn(8, 32, generator=g) * 0.02, "sparse", pattern="2:4", values_codec="rtn")
+
     paths["plain"] = folder / "plain.safetensors"
     save_file({"a": torch.randn(4, 4, generator=g).half(), "b": torch.arange(3)}, str(paths["plain"]))
     return {name: (p.read_bytes(), name == "plain") for name, p in paths.items()}

@@ -1,7 +1,7 @@
 """Larger than RAM: memory stays at about one tensor (data-free) or one block plus activations (calibrated), and an
 interrupted encode resumes from its finished shards.
 
-A random Llama-shaped bf16 checkpoint of about 1.1 GB (8 blocks of width 2048; the embeddings are its largest
+A random Llama-shaped bf16 checkpoint of about 0.6 GB (3 blocks of width 2048; the embeddings are its largest
 tensors, 192 MB each) is written a tensor at a time; each ``nwc`` command runs in a child process whose peak
 ``RssAnon`` is sampled every 20 ms (mapped file pages are not counted: reading a memory-mapped checkpoint touches
 them without allocating). The bounds are stated over the floor of a process that only imports what ``nwc encode``
@@ -25,7 +25,7 @@ import pytest
 from nwcfmt.convert import partial_dir
 from nwcfmt.synthetic import baseline_mb, run_measured, write_checkpoint
 
-HIDDEN, LAYERS, INTERMEDIATE = 2048, 8, 5632
+HIDDEN, LAYERS, INTERMEDIATE = 2048, 3, 5632  # 3 blocks (the README's 1.1 GB run has 8): the same largest tensor
 DATA_FREE_BOUND = 3.0  # peak anon over the floor, in largest tensors (one read, its fp32 copy, its encoding)
 CALIBRATED_BOUND = 12.0  # width 512: 48 MB tensors; the measured peak is about 9.5 of them over the floor
 
@@ -36,7 +36,7 @@ def checkpoint(tmp_path_factory) -> tuple[Path, float, float]:
     src = tmp_path_factory.mktemp("synthetic") / "src"
     src.mkdir()
     total, largest = write_checkpoint(src, HIDDEN, LAYERS, INTERMEDIATE, shard_bytes=300 << 20)
-    assert 1 << 30 <= total <= 2 << 30
+    assert 500 << 20 <= total <= 1 << 30
     return src, largest / 2**20, baseline_mb()
 
 

@@ -241,6 +241,10 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
     and an interrupted encode resumes from them when the same command runs again; calibrated codecs also resume
     from the last finished block (OUTPUT.nwc-resume/).
 
+    With --prune, the Linear weights are stored sparse: a mask (--sparsity, or an N:M --sparsity-pattern) and the
+    kept values coded by --codec (nwc info shows each tensor's sparsity and mask bits); wanda, sparsegpt and
+    --reconstruct calibrate.
+
     Calibrated codecs (gptq, flexround, lrq, ecsq, neural) run the model block by block on calibration text and
     print one line per block with an estimate of the time left. Under torchrun (gloo) the ranks share each
     block's Linears; with --ray, data-free codecs encode tensors as Ray tasks. The output is the same bits

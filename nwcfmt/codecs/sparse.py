@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from nwcfmt.codecs.base import Codec, EncodeContext, EncodedTensor
+from nwcfmt.codecs.base import PRIMARY_SEGMENT, Codec, EncodeContext, EncodedTensor
 from nwcfmt.codecs.mask import (
     Pattern,
     check_mask,
@@ -303,8 +303,10 @@ class SparseCodec(Codec):
         where = f"tensor {record.name!r}"
         layout = mask_layout(record.params, record.shape, where)
         mask_segments, value_segments = _split(segments)
+        if mask_segments[PRIMARY_SEGMENT].device.type == "cpu":  # device copies were checked on the CPU by loaders
+            check_mask(layout, mask_segments, where)
         inner_cls, inner = values_record(record)
-        values = inner_cls.decode(inner, value_segments, device)
+        values = inner_cls.decode(inner, value_segments, device)  # the values codec checks its own CPU segments
         keep = decode_mask(layout, mask_segments, torch.device(device), where)
         dtype = DTYPE_NAMES[record.dtype]
         return scatter_kept(keep.reshape(-1), values.reshape(-1), dtype, layout.nnz).reshape(record.shape)
