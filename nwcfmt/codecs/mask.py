@@ -149,7 +149,7 @@ def encode_mask(keep: torch.Tensor, pattern: Pattern, lane_symbols: int = rans.D
     symbols = symbols_of(keep_np, pattern)
     nnz = int(keep_np.sum())
     bits = _pack_bits(keep_np)
-    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    best: tuple[float, np.ndarray, np.ndarray, Context] | None = None
     positions = pattern.positions(cols)
     if symbols.size and positions:
         choices = (1,) if pattern.structured else tuple(t for t in LEVEL_CHOICES if t <= positions)
@@ -158,13 +158,12 @@ def encode_mask(keep: torch.Tensor, pattern: Pattern, lane_symbols: int = rans.D
             context = Context(levels=levels, level_run=1, n_levels=n_levels) if n_levels > 1 else Context()
             nbytes, freqs = _estimate(symbols, context, pattern.alphabet, lane_symbols)
             if best is None or nbytes < best[0]:
-                best = (nbytes, levels, freqs)
+                best = (nbytes, levels, freqs, context)
     params: dict[str, Any] = {"nnz": nnz, "mask_coding": MASK_BITS}
     if best is None or best[0] >= bits.nbytes:
         return params, {PRIMARY_SEGMENT: torch.from_numpy(bits)}
-    _, levels, freqs = best
+    _, levels, freqs, context = best
     n_levels = freqs.shape[0]
-    context = Context(levels=levels, level_run=1, n_levels=n_levels) if n_levels > 1 else Context()
     stream = rans.encode(symbols.astype(np.uint16), freqs, context, lane_symbols)
     segments = {
         PRIMARY_SEGMENT: torch.from_numpy(stream.words),
@@ -309,7 +308,3 @@ def decode_mask(layout: MaskLayout, segments: Mapping[str, torch.Tensor], device
     if int(keep.sum()) != layout.nnz:
         raise FormatError(f"{where}: the mask keeps {int(keep.sum())} elements, the record says {layout.nnz}")
     return keep
-
-
-def mask_nbytes(segments: Mapping[str, Any]) -> int:
-    return sum(int(np.prod(s.shape)) * s.element_size() for s in segments.values())
