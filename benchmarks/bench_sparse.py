@@ -56,6 +56,7 @@ ROWS: dict[str, list[str]] = {
     "magnitude-global-50": ["--prune", "magnitude", "--prune-scope", "global", *S50, "--codec", "lossless"],
     # further rows, run when there is time
     "wanda-2:4+gptq4": ["--prune", "wanda", *NM24, *G4],
+    "magnitude-2:4+gptq4": ["--prune", "magnitude", *NM24, *G4],
     "magnitude-50+gptq4": ["--prune", "magnitude", *S50, *G4],
     "sparsegpt-50+rtn4": ["--prune", "sparsegpt", *S50, "--codec", "rtn", "--bits", "4"],
     "wanda-50+recon": ["--prune", "wanda", *S50, "--reconstruct", "--codec", "lossless"],
