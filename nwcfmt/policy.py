@@ -5,12 +5,15 @@ Resolution order for a tensor named ``name``:
 1. ``exclude`` globs -> ``raw``;
 2. the first matching rule of the policy (``{"match": GLOB, "codec": ID, "params": {...}}``);
 3. tensors the default codec cannot hold (integer dtypes, for instance) -> ``raw``;
-4. tensors with fewer than ``min_ndim`` dimensions (norms, biases) and names matching ``keep_raw`` -> ``raw``
-   (for lossy default codecs, embeddings and ``lm_head`` too);
-5. the default codec with its params.
+4. tensors with fewer than ``min_ndim`` dimensions (norms, biases) -> ``raw``;
+5. names matching ``keep_raw`` (for lossy default codecs, embeddings and ``lm_head`` too) -> kept exactly: by
+   ``keep_exact`` (default ``lossless``: bit for bit, and smaller, about 26.5 bits a weight for fp32 weights and
+   10.5 for bf16 ones; never larger than raw) when it holds the tensor, else ``raw``;
+6. the default codec with its params.
 
-A policy file is JSON with the keys ``codec``, ``params``, ``rules``, ``exclude``, ``keep_raw`` and ``min_ndim``
-(all optional)::
+A policy file is JSON with the keys ``codec``, ``params``, ``rules``, ``exclude``, ``keep_raw``, ``keep_exact`` and
+``min_ndim``
+(all optional; ``plan``, what ``nwc plan`` writes beside its rules, is read past)::
 
     {"codec": "lossless", "rules": [{"match": "*.embed_tokens.weight", "codec": "raw"}], "exclude": ["lm_head.*"]}
 """
@@ -50,9 +53,12 @@ class Policy:
     exclude: list[str] = field(default_factory=list)
     keep_raw: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_RAW))
     min_ndim: int = 2
+    keep_exact: str = "lossless"  # how ``keep_raw`` tensors are stored: an exact codec (lossless or raw)
     _codecs: dict[tuple[str, str], Codec] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if not get_codec(self.keep_exact).exact:
+            raise InputError(f"keep_exact must name an exact codec (raw, lossless), not {self.keep_exact!r}")
         for codec_id, params in [(self.codec, self.params)] + [(r.codec, r.params) for r in self.rules]:
             self._instance(codec_id, params)  # fail early on unknown codecs or bad params
 
@@ -76,8 +82,11 @@ class Policy:
         if not default.supports(tensor):
             return self._instance("raw", {})
         keep_raw = self.keep_raw if default.exact else [*self.keep_raw, *DEFAULT_KEEP_RAW_LOSSY]
-        if tensor.dim() < self.min_ndim or any(fnmatchcase(name, g) for g in keep_raw):
+        if tensor.dim() < self.min_ndim:
             return self._instance("raw", {})
+        if any(fnmatchcase(name, g) for g in keep_raw):
+            exact = self._instance(self.keep_exact, {})
+            return exact if exact.supports(tensor) else self._instance("raw", {})
         return default
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +98,7 @@ class Policy:
             "exclude": list(self.exclude),
             "keep_raw": list(self.keep_raw),
             "min_ndim": self.min_ndim,
+            "keep_exact": self.keep_exact,
         }
 
     @classmethod
@@ -104,7 +114,7 @@ class Policy:
     def from_dict(cls, doc: Any, source: str = "policy", **overrides: Any) -> Policy:
         if not isinstance(doc, dict):
             raise InputError(f"{source}: a policy must be a JSON object")
-        unknown = set(doc) - {"codec", "params", "rules", "exclude", "keep_raw", "min_ndim"}
+        unknown = set(doc) - {"codec", "params", "rules", "exclude", "keep_raw", "keep_exact", "min_ndim", "plan"}
         if unknown:
             raise InputError(f"{source}: unknown policy key(s) {', '.join(sorted(unknown))}")
         try:
@@ -112,7 +122,7 @@ class Policy:
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{source}: each rule needs 'match' and 'codec' (and optional 'params')") from None
         kwargs: dict[str, Any] = {"rules": rules}
-        for key in ("codec", "params", "exclude", "keep_raw", "min_ndim"):
+        for key in ("codec", "params", "exclude", "keep_raw", "keep_exact", "min_ndim"):
             if key in doc:
                 kwargs[key] = doc[key]
         kwargs.update({k: v for k, v in overrides.items() if v is not None})

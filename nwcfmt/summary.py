@@ -79,7 +79,9 @@ class Summary:
 
     def to_json(self) -> dict:
         numel = self.numel or 1
-        encoded = [t for t in self.tensors if t.codec != "raw"]
+        # "encoded": the tensors a lossy codec stores when there are any (the exact ones beside them, such as the
+        # embeddings a quantized file keeps lossless, are what the file keeps), else every tensor not raw
+        encoded = [t for t in self.tensors if not _exact(t.codec)] or [t for t in self.tensors if t.codec != "raw"]
         return {
             "tensors": [t.to_json() for t in self.tensors],
             "totals": {
@@ -98,6 +100,12 @@ class Summary:
                 "file_bits_per_weight": round(8 * self.file_bytes / numel, 4),
             },
         }
+
+
+def _exact(codec_id: str) -> bool:
+    from nwcfmt.codecs.registry import available_codecs, get_codec
+
+    return codec_id in available_codecs() and get_codec(codec_id).exact
 
 
 def summarize(path: str | os.PathLike) -> Summary:

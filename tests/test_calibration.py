@@ -263,7 +263,7 @@ BAD_RESULTS = {
 def test_check_results_refuses_what_the_codec_would_refuse(case):
     """Layout-free checks on the weight; the record is checked by the codec's own validate/check."""
     codec = RtnCodec(bits=4, group_size=32)
-    target = _Target(0, "q", torch.nn.Linear(64, 8, bias=False), "layers.0.q.weight", torch.bfloat16)
+    target = _Target(0, "q", torch.nn.Linear(64, 8, bias=False), "layers.0.q.weight", torch.bfloat16, codec)
     weight = target.linear.weight.detach()
     layout = codec.layout(weight)
     good = codec.result(*codec.quantize(weight, layout), layout)
@@ -446,7 +446,7 @@ def test_cli_routes_calibrated_codecs(test_method, llama_dir, text, tmp_path):
     lines = result.stderr.splitlines()
     assert lines[0].startswith("calibrating 3 blocks")
     assert lines[1].startswith("block 1/3 quantized in ") and "remaining ~" in lines[1] and "mean rows 256" in lines[1]
-    assert "encoded 29 tensors (raw: 8, rtn: 21)" in result.stdout
+    assert "encoded 29 tensors (lossless: 1, raw: 7, rtn: 21)" in result.stdout
     assert json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]["text"] == "calib.txt"
     quiet = _nwc(*args, "--calib", calib, "--calib-samples", 4, "--calib-seqlen", 16, "--overwrite", "-q")
     assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
@@ -590,7 +590,7 @@ def test_ecsq_calibrates_through_the_pipeline(ecsq_method, llama_dir, calib, tex
 
     out, quantizer = tmp_path / "out", EcsqThroughContract(EcsqCodec(bits=3))
     report = encode_calibrated(llama_dir, out, quantizer, calib=calib)
-    assert report.codecs == {"ecsq": 21, "raw": 8}
+    assert report.codecs == {"ecsq": 21, "lossless": 1, "raw": 7}  # the embedding exact, the norms raw
     stored = nwcfmt.load(out / "model.safetensors")
     assert len(quantizer.weights) == 21
     for name, weight in quantizer.weights.items():

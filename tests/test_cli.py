@@ -66,6 +66,28 @@ def test_policy_keeps_norms_raw_and_honours_exclude(tiny_llama_dir, tmp_path):
     assert codecs["model.layers.0.self_attn.q_proj.weight"] == "lossless"
 
 
+def test_kept_tensors_are_stored_exactly_and_smaller(tiny_llama_dir, tmp_path):
+    """Lossy codecs keep embeddings and lm_head exact: lossless by default (smaller than raw, bit for bit), raw
+    with ``keep_exact: raw``; an inexact keep_exact is refused."""
+    import nwcfmt
+
+    enc = tmp_path / "enc"
+    run_nwc("encode", tiny_llama_dir, "-o", enc, "--codec", "rtn", "--bits", "4", "-q")
+    info = {t["name"]: t for t in json.loads(run_nwc("info", enc, "--json").stdout)["tensors"]}
+    embed = info["model.embed_tokens.weight"]
+    assert embed["codec"] == "lossless" and embed["stored_bytes"] < 0.8 * embed["numel"] * 2
+    original = load_file(str(tiny_llama_dir / "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(nwcfmt.load(enc / "model.safetensors")["model.embed_tokens.weight"], original)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"codec": "rtn", "keep_exact": "raw"}))
+    run_nwc("encode", tiny_llama_dir, "-o", tmp_path / "raw", "--policy", policy, "--bits", "4", "-q")
+    info = {t["name"]: t["codec"] for t in json.loads(run_nwc("info", tmp_path / "raw", "--json").stdout)["tensors"]}
+    assert info["model.embed_tokens.weight"] == "raw" and info["lm_head.weight"] == "raw"
+    policy.write_text(json.dumps({"codec": "rtn", "keep_exact": "rtn"}))
+    proc = run_nwc("encode", tiny_llama_dir, "-o", tmp_path / "bad", "--policy", policy, check=False)
+    assert proc.returncode != 0 and "exact codec" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_policy_file(tiny_llama_dir, tmp_path):
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"codec": "lossless", "rules": [{"match": "*mlp*", "codec": "raw"}]}))

@@ -144,9 +144,11 @@ def test_cli_encodes_a_model_and_info_shows_the_cost(tiny_llama_dir, tmp_path):
         "packed_bytes": 128 * 64,
         "entropy_saved_bytes": 0,
     }
-    assert by_name["model.embed_tokens.weight"]["codec"] == "raw"
-    assert by_name["lm_head.weight"]["codec"] == "raw"
-    assert doc["totals"]["encoded_bits_per_weight"] == pytest.approx(4.1875)
+    assert by_name["model.embed_tokens.weight"]["codec"] == "lossless"  # kept exactly, and smaller than raw
+    assert by_name["lm_head.weight"]["codec"] == "lossless"
+    assert by_name["model.norm.weight"]["codec"] == "raw"
+    quantized = [t for t in doc["tensors"] if t["codec"] == "rtn"]
+    assert 8 * sum(t["stored_bytes"] for t in quantized) / sum(t["numel"] for t in quantized) == pytest.approx(4.1875)
     run_nwc("verify", enc)
     run_nwc("decode", enc, "-o", tmp_path / "dec", "-q")
     decoded = nwcfmt.load(tmp_path / "dec")
@@ -175,7 +177,7 @@ def test_real_models_encode_with_rtn(tmp_path, model):
         for t in encoded
     )
     assert sum(t["stored_bytes"] for t in encoded) == expected_bytes
-    assert 4.18 < doc["totals"]["encoded_bits_per_weight"] < 4.21
+    assert 4.18 < 8 * expected_bytes / sum(t["numel"] for t in encoded) < 4.21
     original = nwcfmt.load(src)
     decoded = nwcfmt.load(enc)
     name = "model.layers.3.mlp.down_proj.weight" if model == "smollm2" else "encoder.layer.2.intermediate.dense.weight"

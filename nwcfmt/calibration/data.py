@@ -95,11 +95,46 @@ def calibration_batches(
     text = default_text() if text is None else text
     if not text.strip():
         raise InputError("the calibration text is empty")
-    generator = torch.Generator().manual_seed(seed)
-    offsets = torch.randint(0, len(text), (samples,), generator=generator).tolist()
-    starts = [min(_word_start(text, o), len(text) - 1) for o in offsets]
+    starts = _starts(text, samples, seed)
     windows = torch.tensor(_windows(tokenizer, text, starts, seqlen), dtype=torch.long)
     return _batches(windows, batch_size)
+
+
+def _starts(text: str, samples: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(0, len(text), (samples,), generator=generator).tolist()
+    return [min(_word_start(text, o), len(text) - 1) for o in offsets]
+
+
+HELDOUT_SEED_OFFSET = 1_000_003
+
+
+def heldout_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str | None,
+    samples: int,
+    seqlen: int,
+    calib_samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> list[torch.Tensor]:
+    """``samples`` windows of the calibration text that share no text with the ``calib_samples`` windows
+    :func:`calibration_batches` takes for ``seed`` (each window's span, 16 characters a token, is kept clear of
+    theirs): held-out text for checking what calibration chose."""
+    text = default_text() if text is None else text
+    span = 16 * seqlen
+    used = sorted(_starts(text, calib_samples, seed))
+    generator = torch.Generator().manual_seed(seed + HELDOUT_SEED_OFFSET)
+    starts: list[int] = []
+    for _ in range(100):
+        for o in torch.randint(0, max(1, len(text) - span), (4 * samples,), generator=generator).tolist():
+            s = _word_start(text, o)
+            if all(s + span <= u or u + span <= s for u in used + starts):
+                starts.append(s)
+            if len(starts) == samples:
+                windows = torch.tensor(_windows(tokenizer, text, starts, seqlen), dtype=torch.long)
+                return _batches(windows, batch_size)
+    raise InputError(f"the calibration text is too short for {samples} held-out windows of {seqlen} tokens")
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

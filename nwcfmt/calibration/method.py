@@ -51,6 +51,11 @@ class BlockData:
     # over them)
     executor: Executor = INLINE  # runs the block's independent per-Linear work (owner ranks under torchrun)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # Linear name -> the checkpoint's dtype
+    codecs: dict[str, Codec] = field(default_factory=dict)  # Linear name -> its codec and config (per-Linear keys)
+
+    def codec_for(self, name: str, default: Codec) -> Codec:
+        """The codec (with this Linear's own config) that encodes Linear ``name``; ``default`` when not given."""
+        return self.codecs.get(name, default)
 
 
 class BlockQuantizer(Protocol):
@@ -59,6 +64,8 @@ class BlockQuantizer(Protocol):
 
     codec: Codec
     needs_targets: bool  # whether BlockData.targets must be computed (block-output reconstruction)
+    # Optional: ``per_linear_keys``, the config keys a policy may set per Linear (``data.codecs`` then holds each
+    # Linear's codec); an encoder without it takes one config for every Linear.
 
     def quantize_block(
         self, block: torch.nn.Module, linears: dict[str, torch.nn.Linear], data: BlockData

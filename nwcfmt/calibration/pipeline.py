@@ -141,6 +141,7 @@ class _Target:
     linear: torch.nn.Linear
     tensor: str  # checkpoint tensor name
     dtype: torch.dtype  # checkpoint dtype
+    codec: Codec  # the encoder's codec with this Linear's config (per-Linear settings: :func:`_targets`)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -312,8 +313,12 @@ def _checkpoint_name(name: str, source: WeightSource, model: torch.nn.Module) ->
 def _targets(
     model: torch.nn.Module, layout: BlockLayout, source: WeightSource, policy: Policy, quantizer: BlockQuantizer
 ) -> list[list[_Target]]:
-    """Per block, the Linears the policy gives to the encoder's codec."""
+    """Per block, the Linears the policy gives to the encoder's codec, each with its own config: a policy rule may
+    change the config keys the encoder lists in ``per_linear_keys`` (a planned mix of rates, ``nwc plan``), and
+    nothing else."""
     codec = quantizer.codec
+    varying = set(getattr(quantizer, "per_linear_keys", ()))
+    main = codec.get_config()
     out: list[list[_Target]] = []
     for i, block in enumerate(layout.blocks):
         selected = []
@@ -322,14 +327,23 @@ def _targets(
             chosen = policy.choose(tensor, linear.weight)
             if chosen.codec_id != codec.codec_id:
                 continue
-            if chosen.get_config() != codec.get_config():
+            config = chosen.get_config()
+            differ = sorted(k for k in set(config) | set(main) if config.get(k) != main.get(k))
+            if set(differ) - varying:
+                allowed = f" (it may vary {', '.join(sorted(varying))} per tensor)" if varying else ""
                 raise EncodeError(
-                    f"{tensor}: per-tensor params for the calibrated codec {codec.codec_id} differ "
-                    "from its main config; calibrated codecs use one config"
+                    f"{tensor}: per-tensor params {', '.join(differ)} of the calibrated codec {codec.codec_id} "
+                    f"differ from its main config{allowed}"
                 )
-            selected.append(_Target(i, name, linear, tensor, source.specs[tensor][1]))
+            selected.append(_Target(i, name, linear, tensor, source.specs[tensor][1], chosen))
         out.append(selected)
     return out
+
+
+def _per_linear_configs(targets: list[list[_Target]], codec: Codec) -> dict[str, dict[str, Any]]:
+    """The configs of the Linears whose settings differ from the encoder's main config (for the fingerprint)."""
+    main = codec.get_config()
+    return {t.tensor: t.codec.get_config() for b in targets for t in b if t.codec.get_config() != main}
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -436,7 +450,7 @@ class ResumeState:
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise InputError(f"{self.path(index)}: unreadable resume state ({exc}); pass --no-resume") from None
 
-    def load(self, index: int, targets: list[_Target], codec: Codec) -> dict[str, LinearResult]:
+    def load(self, index: int, targets: list[_Target]) -> dict[str, LinearResult]:
         """Block ``index``'s results for ``targets``, each weight rebuilt by decoding its record (fp32)."""
         saved = self.load_encoded(index)
         results = {}
@@ -445,7 +459,7 @@ class ResumeState:
                 raise InputError(f"{self.path(index)}: no result for {t.name} in the resume state; pass --no-resume")
             encoded, stats = saved[t.name]
             try:
-                weight = decode_encoded(t.tensor, codec, encoded, t.linear.weight.shape, torch.float32)
+                weight = decode_encoded(t.tensor, t.codec, encoded, t.linear.weight.shape, torch.float32)
             except NwcError as exc:
                 raise InputError(f"{self.path(index)}: {t.name} does not decode ({exc}); pass --no-resume") from None
             results[t.name] = LinearResult(encoded, weight, stats)
@@ -477,7 +491,7 @@ def check_results(results: dict[str, LinearResult], targets: list[_Target], quan
         if not bool(torch.isfinite(w).all()):
             raise EncodeError(f"{where}: weight holds inf or NaN")
         try:
-            check_encoded(t.tensor, codec, r.encoded, shape, t.dtype)
+            check_encoded(t.tensor, t.codec, r.encoded, shape, t.dtype)
         except NwcError as exc:
             raise EncodeError(f"{where}: the encoded record is refused: {exc}") from None
 
@@ -513,6 +527,7 @@ def _quantize(
         shared_claims=shared_claims,
         executor=executor,
         dtypes={t.name: t.dtype for t in targets},
+        codecs={t.name: t.codec for t in targets},
     )
     del outputs
     with torch.random.fork_rng(devices=[]):
@@ -561,18 +576,18 @@ def data_free_codec(codec: Codec) -> Codec | None:
 
 def _encoder(saved: _SavedResults, quantizer: BlockQuantizer, policy: Policy, claims: dict[str, int]):
     codec = quantizer.codec
-    fallback = data_free_codec(codec)
 
     def encode(name: str, tensor: torch.Tensor) -> tuple[Codec, EncodedTensor]:
         encoded = saved.get(name)
+        chosen = policy.choose(name, tensor)
         if encoded is None:
-            chosen = policy.choose(name, tensor)
             if chosen.codec_id != codec.codec_id:
                 return encode_tensor(name, tensor, chosen)
+            fallback = data_free_codec(chosen)
             if fallback is not None and fallback.supports(tensor):  # nothing calibrates it: coded data-free
                 return encode_tensor(name, tensor, fallback, EncodeContext(name=name, shared_claims=claims[name]))
             return encode_tensor(name, tensor, "raw")
-        return codec, encoded
+        return chosen, encoded
 
     return encode
 
@@ -631,6 +646,7 @@ def encode_calibrated(
         "quantizer": f"{type(quantizer).__module__}.{type(quantizer).__qualname__}",
         "calib": calib.fingerprint(),
         "tensors": [t.tensor for block in targets for t in block],
+        "configs": _per_linear_configs(targets, codec),
     }
     if calib.generate:
         batches = generated_batches(src, tokenizer, calib.samples, calib.seqlen, calib.batch_size, calib.seed)
@@ -720,7 +736,7 @@ def _run_blocks(
         kwargs = captured.kwargs[i]
         load_weights(block, layout.block_name(i), *weights)
         if i < saved:
-            results = state.load(i, targets[i], quantizer.codec)
+            results = state.load(i, targets[i])
             check_results(results, targets[i], quantizer)
         else:
             shared = claims[targets[i][0].tensor] if targets[i] else 0

@@ -142,6 +142,37 @@ def hub_options(fn: Callable) -> Callable:
     )(fn)
 
 
+def plan_options(fn: Callable) -> Callable:
+    """The planner's options, shared by ``encode --target-bpw`` and ``plan``."""
+    fn = click.option(
+        "--rerank",
+        is_flag=True,
+        default=False,
+        help="Plan under three proxies (Fisher-scaled, half-scaled, Hessian alone) and keep the one with the lowest "
+        "KL to the model on held-out calibration text (causal LMs).",
+    )(fn)
+    fn = click.option(
+        "--no-sensitivity",
+        is_flag=True,
+        default=False,
+        help="Plan on Hessian-weighted layer error alone (default for causal LMs: scaled by each tensor's "
+        "measured Fisher sensitivity).",
+    )(fn)
+    fn = click.option(
+        "--plan-codecs",
+        default=None,
+        metavar="LIST",
+        help="Codecs the planner may choose, comma-separated, at most one calibrated (ecsq or gptq) "
+        "[ecsq,rtn,lossless].",
+    )(fn)
+    return click.option(
+        "--budget",
+        type=click.Choice(["planned", "whole"]),
+        default=None,
+        help="--target-bpw counts the planned tensors (weights, embeddings, lm_head) or every tensor [planned].",
+    )(fn)
+
+
 @cli.command()
 @click.argument("src")
 @click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Output folder or file.")
@@ -224,6 +255,16 @@ def hub_options(fn: Callable) -> Callable:
     default=None,
     help="--prune: fine-tune the kept weights on each block's output (calibrated; kept only if held-out MSE falls).",
 )
+@click.option(
+    "--target-bpw",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="Plan the codec and setting of each tensor for this many bits per weight (file bytes), then encode.",
+)
+@plan_options
+@click.option(
+    "--plan-out", type=click.Path(path_type=Path), default=None, help="--target-bpw: save the plan (a policy file)."
+)
 @click.option("--no-resume", is_flag=True, help="Discard the finished shards of an interrupted encode, start over.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--revision", default=None, help="Hub repo ids: the branch, tag or commit to download [main].")
@@ -249,6 +290,9 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
     print one line per block with an estimate of the time left. Under torchrun (gloo) the ranks share each
     block's Linears; with --ray, data-free codecs encode tensors as Ray tasks. The output is the same bits
     whatever the number of workers.
+
+    With --target-bpw B, the planner (nwc plan) chooses each tensor's codec and setting for B bits per weight
+    and the encode follows its plan: the file holds at most B bits per weight, within 0.01 of it.
     """
     from nwcfmt.calibration import get_method
     from nwcfmt.distributed import INLINE, open_executor
@@ -256,6 +300,24 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
     hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
     no_resume = options.pop("no_resume")
     calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen")}
+    planning = {
+        key: options.pop(key) for key in ("target_bpw", "budget", "plan_codecs", "no_sensitivity", "rerank", "plan_out")
+    }
+    plan_file = None
+    if planning["target_bpw"] is None:
+        if any(planning[k] for k in ("budget", "plan_codecs", "no_sensitivity", "rerank", "plan_out")):
+            raise InputError("--budget, --plan-codecs, --no-sensitivity, --rerank and --plan-out need --target-bpw")
+    else:
+        given = [
+            k
+            for k, v in (("--codec", codec), ("--policy", policy_file), ("--prune", options.get("prune")))
+            if v is not None
+        ] + [f"--{k.replace('_', '-')}" for k in ("bits", "group_size") if options.get(k)]
+        if given or params or ray:
+            raise InputError(f"--target-bpw chooses the codecs itself: drop {', '.join(given) or '--param/--ray'}")
+        policy_file = plan_file = _plan_for_encode(src, dst, planning, calib, exclude, hub, quiet)
+    if codec is None and policy_file is not None and options.get("prune") is None:
+        codec = _policy_calibrated_codec(policy_file)  # a plan (or any policy) whose main codec calibrates
     sparse = {key: options.pop(key) for key in ("prune", "sparsity", "sparsity_pattern", "prune_scope", "reconstruct")}
     codec_params = {**{k: v for k, v in options.items() if v is not None}, **parse_params(params)}  # quantizer
     if sparse["prune"] is not None:
@@ -279,6 +341,8 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
             )
         codec_params["calibrate"], factory = False, None
     executor = open_executor(ray)
+    if plan_file is not None:
+        codec_params = {**json.loads(plan_file.read_text()).get("params", {}), **codec_params}
     try:
         if factory is not None:
             _encode_calibrated(
@@ -314,6 +378,86 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
             )
     finally:
         executor.close()
+        if plan_file is not None and planning["plan_out"] is None:
+            plan_file.unlink(missing_ok=True)
+
+
+def _policy_calibrated_codec(policy_file: Path) -> str | None:
+    """The main codec of a policy file when it has a calibrated encoder (its rules then calibrate), else None."""
+    from nwcfmt.calibration import calibrated_methods
+
+    try:
+        doc = json.loads(Path(policy_file).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{policy_file}: cannot read policy file ({exc})") from None
+    main = doc.get("codec") if isinstance(doc, dict) else None
+    return main if main in calibrated_methods() else None
+
+
+def _calib_options(calib: dict):
+    """The calibration options of ``--calib``, ``--calib-samples`` and ``--calib-seqlen``."""
+    from nwcfmt.calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, read_text_file
+    from nwcfmt.calibration.pipeline import CalibOptions
+
+    generate = calib["calib_file"] is not None and str(calib["calib_file"]) == "self"
+    text = read_text_file(calib["calib_file"]) if calib["calib_file"] and not generate else None
+    name = "self-generated" if generate else Path(calib["calib_file"]).name if calib["calib_file"] else None
+    return CalibOptions(
+        text=text,
+        generate=generate,
+        text_name=name or CalibOptions.text_name,
+        samples=calib["calib_samples"] or DEFAULT_SAMPLES,
+        seqlen=calib["calib_seqlen"] or DEFAULT_SEQLEN,
+    )
+
+
+def _make_plan(src: Path, target_bpw: float, planning: dict, calib: dict, exclude, quiet: bool):
+    """Measure the model's candidates and solve for ``target_bpw`` (``nwc plan`` and ``encode --target-bpw``)."""
+    from nwcfmt.calibration.pipeline import calibration_unavailable
+    from nwcfmt.planner import DEFAULT_FAMILIES, make_plan, options
+    from nwcfmt.planner.measure import measure_model
+    from nwcfmt.planner.plan import rerank
+
+    reason = calibration_unavailable(src)
+    if reason is not None:
+        raise InputError(f"the planner runs the model on calibration text: {reason}")
+    options_ = _calib_options(calib)
+    if options_.generate:
+        raise InputError("the planner measures on the calibration text; --calib self is not supported with it")
+    if planning["rerank"] and planning["no_sensitivity"]:
+        raise InputError("--rerank compares proxies scaled by the sensitivity: drop --no-sensitivity")
+    families = tuple(f.strip() for f in planning["plan_codecs"].split(",")) if planning["plan_codecs"] else None
+    choices = options(families or DEFAULT_FAMILIES)
+    say = None if quiet else (lambda line: click.echo(f"plan: {line}", err=True))
+    measured = measure_model(src, choices, options_, list(exclude), not planning["no_sensitivity"], say)
+    budget = planning["budget"] or "planned"
+    if planning["rerank"]:
+        return rerank(src, measured, target_bpw, budget, options_)
+    return make_plan(measured, target_bpw, budget)
+
+
+def _plan_for_encode(src, dst: Path, planning: dict, calib: dict, exclude, hub: dict, quiet: bool) -> Path:
+    """Plan ``src`` for ``encode --target-bpw`` and write the plan as a policy file (``--plan-out``, or a file
+    beside the output removed after the encode)."""
+    from nwcfmt.hub import resolve_source
+
+    local = Path(resolve_source(src, **hub, progress=not quiet))
+    plan = _make_plan(local, planning["target_bpw"], planning, calib, exclude, quiet)
+    if not quiet:
+        mix = ", ".join(f"{k} {100 * v:.1f}%" for k, v in plan.mix().items())
+        click.echo(
+            f"plan: {plan.bits_per_weight:.4f} bits per weight over the {plan.budget} tensors; mix of weights: {mix}",
+            err=True,
+        )
+    path = planning["plan_out"] or Path(dst).absolute().with_name(f".{Path(dst).name}.nwc-plan.json")
+    _write_text(path, plan.to_json())
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _sparse_params(codec: str | None, values: dict, sparse: dict, policy_file) -> dict:
@@ -477,21 +621,11 @@ def _encode_calibrated(
     no_resume,
     **calib,
 ) -> None:
-    from nwcfmt.calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, read_text_file
-    from nwcfmt.calibration.pipeline import CalibOptions, CalibrationStopped, encode_calibrated, resume_dir
+    from nwcfmt.calibration.pipeline import CalibrationStopped, encode_calibrated, resume_dir
     from nwcfmt.hub import resolve_source
     from nwcfmt.policy import Policy
 
-    generate = calib["calib_file"] is not None and str(calib["calib_file"]) == "self"
-    text = read_text_file(calib["calib_file"]) if calib["calib_file"] and not generate else None
-    name = "self-generated" if generate else Path(calib["calib_file"]).name if calib["calib_file"] else None
-    options = CalibOptions(
-        text=text,
-        generate=generate,
-        text_name=name or CalibOptions.text_name,
-        samples=calib["calib_samples"] or DEFAULT_SAMPLES,
-        seqlen=calib["calib_seqlen"] or DEFAULT_SEQLEN,
-    )
+    options = _calib_options(calib)
     try:
         quantizer = factory(dict(codec_params))
     except TypeError as exc:
@@ -531,6 +665,54 @@ def _encode_calibrated(
         )
     if not quiet and report is not None:
         _encode_summary(report, dst)
+
+
+@cli.command()
+@click.argument("src")
+@click.option(
+    "--target-bpw", type=click.FloatRange(min=0.0, min_open=True), required=True, help="Bits per weight to plan for."
+)
+@plan_options
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None, help="Write the plan here.")
+@click.option("--kl", is_flag=True, help="Also measure the plan's KL to the model on held-out calibration text.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors matching GLOB raw (repeatable).")
+@click.option("--calib", "calib_file", type=click.Path(path_type=Path), default=None, help="Calibration text.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Calibration windows [128].")
+@click.option("--calib-seqlen", type=click.IntRange(min=2), default=None, help="Tokens per window [256].")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (the policy file).")
+@click.option("--revision", default=None, help="Hub repo ids: the branch, tag or commit to download [main].")
+@hub_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@handle_errors
+def plan(src, target_bpw, out, kl, exclude, as_json, quiet, **options) -> None:
+    """Plan each tensor's codec and setting for TARGET_BPW bits per weight, without writing weights.
+
+    Every planned tensor (weights, embeddings, lm_head; norms and biases stay raw) is encoded with every candidate
+    setting (ecsq rates, rtn/gptq bits, lossless) for its exact bytes and its error, weighted by the input
+    Hessian (embeddings: by token counts) from calibration text and scaled by a measured Fisher sensitivity; the
+    budget is spent by Lagrangian relaxation and a greedy fill. Prints one line per tensor with its choice, its
+    bits and predicted error; -o writes the plan as a policy file for nwc encode --policy.
+    """
+    from nwcfmt.hub import resolve_source
+
+    hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
+    calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen")}
+    local = Path(resolve_source(src, **hub, progress=not quiet))
+    result = _make_plan(local, target_bpw, options, calib, exclude, quiet)
+    if kl and "heldout_kl" not in result.notes:
+        from nwcfmt.planner.check import plan_kl
+
+        result.notes["heldout_kl"] = plan_kl(local, [result], _calib_options(calib))[0]
+    if out is not None:
+        _write_text(out, result.to_json())
+    if as_json:
+        click.echo(result.to_json())
+    else:
+        click.echo(result.table())
+        for proxy, value in result.notes.get("rerank_heldout_kl", {}).items():
+            click.echo(f"held-out KL of the {proxy} plan: {value:.5f} nats per token")
+        if kl or "heldout_kl" in result.notes:
+            click.echo(f"held-out KL to the model: {result.notes['heldout_kl']:.5f} nats per token")
 
 
 @cli.command()

@@ -444,14 +444,22 @@ class GptqMethod:
 
     codec: GptqCodec
     needs_targets: bool = False
+    per_linear_keys: tuple[str, ...] = ("bits", "group_size", "symmetric")  # a planned mix may vary these
 
     def quantize_block(
         self, block: torch.nn.Module, linears: dict[str, torch.nn.Linear], data: BlockData
     ) -> dict[str, LinearResult]:
         require_hessians(linears, data, "gptq")
-        jobs = [(linear.weight.detach(), data.hessians[name]) for name, linear in linears.items()]
+        jobs = [
+            (data.codec_for(name, self.codec), linear.weight.detach(), data.hessians[name])
+            for name, linear in linears.items()
+        ]
         costs = [float(linear.weight.numel() * linear.in_features) for linear in linears.values()]
-        return dict(zip(linears, data.executor.map(self.codec.quantize_with_hessian, jobs, costs), strict=True))
+        return dict(zip(linears, data.executor.map(_quantize_linear, jobs, costs), strict=True))
+
+
+def _quantize_linear(codec: GptqCodec, weight: torch.Tensor, hessian: torch.Tensor) -> LinearResult:
+    return codec.quantize_with_hessian(weight, hessian)
 
 
 def gptq_method(config: dict[str, Any]) -> GptqMethod:

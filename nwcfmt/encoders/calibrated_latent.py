@@ -50,6 +50,7 @@ class LatentMethod:
     """The :class:`~nwcfmt.calibration.method.BlockQuantizer` of ``ecsq`` and ``neural``."""
 
     codec: LatentCodec
+    per_linear_keys: tuple[str, ...] = ("bits", "step")  # a planned mix of rates (``nwc plan``)
 
     @property
     def needs_targets(self) -> bool:
@@ -97,7 +98,8 @@ class LatentMethod:
         the weight's own ``tr(W H W^T)``."""
         hessian = data.hessians[name]
         ctx = EncodeContext(name=name, shared_claims=data.shared_claims)
-        draft = self.codec.encode_with_hessian(weight, hessian, self.codec.calibration, ctx)
+        codec = data.codec_for(name, self.codec)
+        draft = codec.encode_with_hessian(weight, hessian, self.codec.calibration, ctx)
         ref = layer_loss(weight, torch.zeros_like(weight), hessian)
         loss = layer_loss(weight, draft.values * draft.scale[:, None], hessian)
         return draft, {"layer_loss": loss / ref if ref > 0 else 0.0, **draft.stats}

@@ -1,0 +1,266 @@
+"""The bit-budget planner on SmolLM2: planned mixes against uniform codecs at equal bits, on held-out text.
+
+    python benchmarks/bench_planner.py                      # measure once, then every row (about 1.5 h, 2 cores)
+    python benchmarks/bench_planner.py --only plan-3.5,ecsq-3.5
+    python benchmarks/bench_planner.py --rank 8             # the proxies' rank correlation with held-out KL
+
+1. The planner measures SmolLM2 once (:func:`nwcfmt.planner.measure.measure_model`: every candidate of every
+   planned tensor, embedding included; Hessians from the default calibration windows; the Fisher sensitivity
+   from held-out calibration windows) and keeps the measurements in ``--cache``.
+2. Each row is an ``nwc encode`` of the fp32 checkpoint with a policy file: a plan for a target (``plan-T``:
+   Fisher-scaled proxy; ``plan-hessian-T``: Hessian-weighted error alone), a uniform codec over the same tensors
+   (``ecsq-T``, ``rtn-B``: the embedding coded like the rest), or a Q4_K_M-like rule set (``q4km-like``).
+   Rows marked ``/cal`` calibrate their ``ecsq`` tensors (each at its planned rate); the others are data-free.
+3. Every row is evaluated on the evaluation text (protocol nwc-ppl-v1: the first ``--windows`` windows of 2048
+   tokens, which the planner never sees): perplexity, and the mean KL(FP || row) per token against the
+   full-precision model's distributions on the same windows. Bits per weight are file bytes of the planned
+   tensors (every Linear, the tied embedding) over their weights; ``file bpw`` counts every tensor.
+
+``--rank N`` draws N plans at 3.5 bits (each tensor's proxy error multiplied by a random log-normal factor, then
+solved), measures each plan's KL on held-out calibration windows (:func:`nwcfmt.planner.check.plan_kl`), and
+prints Spearman's rank correlation of both proxies' predictions with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nwcfmt import data
+from nwcfmt.planner import make_plan, options
+from nwcfmt.planner.measure import Measured, measure_model
+
+HERE = Path(__file__).resolve().parent
+TARGETS = (3.0, 3.5, 4.0, 4.5)
+CACHE = Path(os.environ.get("NWC_BENCH_CACHE", Path.home() / ".cache" / "nwcfmt-bench")) / "planner-smollm2.json"
+EMBED = "model.embed_tokens.weight"
+
+
+def nwc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nwcfmt.cli.main", *args]
+
+
+def run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[3:6])}... failed: {proc.stderr.strip().splitlines()[-3:]}")
+    return proc, time.perf_counter() - start
+
+
+def measured(src: Path, cache: Path) -> Measured:
+    if cache.exists():
+        return Measured.from_dict(json.loads(cache.read_text()))
+    say = lambda line: print(f"  {line}", flush=True)  # noqa: E731
+    m = measure_model(src, options(), report=say)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(m.to_dict()))
+    print(f"measured in {m.seconds:.0f} s -> {cache}", flush=True)
+    return m
+
+
+def without_sensitivity(m: Measured) -> Measured:
+    doc = m.to_dict()
+    for t in doc["tensors"]:
+        t["scale"] = 1.0
+    doc["proxy"] = "hessian"
+    return Measured.from_dict(doc)
+
+
+def data_free(doc: dict) -> dict:
+    """The policy with its ecsq settings data-free (calibrate=false)."""
+    for part in [doc, *doc["rules"]]:
+        if part.get("codec") == "ecsq":
+            part["params"] = {**part.get("params", {}), "calibrate": False}
+    return doc
+
+
+def uniform(codec: str, **params) -> dict:
+    """One codec for every planned tensor, the embedding included."""
+    return {"codec": codec, "params": params, "rules": [{"match": "*embed_tokens*", "codec": codec, "params": params}]}
+
+
+def q4km_like(blocks: int) -> dict:
+    """llama.cpp's Q4_K_M rules in this project's codecs: Q4_K (4-bit, 32 per scale, asymmetric) everywhere;
+    Q6_K (6-bit g32 here) for attn_v and ffn_down in the first and last eighth of the blocks and every third
+    block between, and for the output head (tied to the embedding here, so the embedding gets 6 bits)."""
+    more = [i for i in range(blocks) if i < blocks // 8 or i >= 7 * blocks // 8 or (i - blocks // 8) % 3 == 2]
+    q6 = {"bits": 6, "group_size": 32}
+    rules = [{"match": EMBED, "codec": "rtn", "params": q6}]
+    for i in more:
+        for name in ("self_attn.v_proj", "mlp.down_proj"):
+            rules.append({"match": f"model.layers.{i}.{name}.weight", "codec": "rtn", "params": q6})
+    return {"codec": "rtn", "params": {"bits": 4, "group_size": 32}, "rules": rules}
+
+
+def rows(m: Measured, targets: tuple[float, ...]) -> dict[str, dict]:
+    plain = without_sensitivity(m)
+    out: dict[str, dict] = {}
+    for t in targets:
+        out[f"plan-{t}"] = data_free(make_plan(m, t).policy_dict())
+        out[f"plan-hessian-{t}"] = data_free(make_plan(plain, t).policy_dict())
+        out[f"ecsq-{t}"] = uniform("ecsq", bits=t, calibrate=False)
+    out["rtn-3"] = uniform("rtn", bits=3, group_size=128)
+    out["rtn-4"] = uniform("rtn", bits=4, group_size=128)
+    out["q4km-like"] = q4km_like(30)
+    out["plan-3.5/cal"] = make_plan(m, 3.5).policy_dict()
+    out["ecsq-3.5/cal"] = uniform("ecsq", bits=3.5)  # the embedding data-free: no block calibrates it
+    return out
+
+
+class Referee:
+    """The full-precision model's log-probabilities on the evaluation windows, kept (fp16) to score rows."""
+
+    def __init__(self, src: Path, windows: int) -> None:
+        from nwcfmt.eval.loading import load_for_eval
+        from nwcfmt.eval.perplexity import DEFAULT_SEQLEN, tokenize_text
+
+        loaded = load_for_eval(src)
+        ids = tokenize_text(loaded.tokenizer, data.eval_text())
+        self.windows = [ids[i * DEFAULT_SEQLEN : (i + 1) * DEFAULT_SEQLEN] for i in range(windows)]
+        self.reference = [self._logp(loaded.model, w).half() for w in self.windows]
+
+    @staticmethod
+    def _logp(model, window: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.log_softmax(model(input_ids=window[None], use_cache=False).logits[0, :-1].float(), -1)
+
+    def score(self, folder: Path) -> tuple[float, float]:
+        """(perplexity, mean KL(FP || model) in nats per token) of the folder's model."""
+        from nwcfmt.eval.loading import load_for_eval
+
+        model = load_for_eval(folder, tokenizer=False).model
+        nll = kl = 0.0
+        count = 0
+        for window, ref in zip(self.windows, self.reference, strict=True):
+            logq = self._logp(model, window)
+            nll -= float(logq.gather(1, window[1:, None]).double().sum())
+            p = ref.float()
+            kl += float((p.exp() * (p - logq)).double().sum())
+            count += logq.shape[0]
+        return math.exp(nll / count), kl / count
+
+
+def planned_bits(folder: Path) -> tuple[float, float]:
+    doc = json.loads(run(nwc("info", str(folder), "--json"))[0].stdout)
+    planned = [t for t in doc["tensors"] if len(t["shape"]) >= 2 and "norm" not in t["name"]]
+    bits = 8 * sum(t["stored_bytes"] for t in planned) / sum(t["numel"] for t in planned)
+    every = 8 * sum(t["stored_bytes"] for t in doc["tensors"]) / sum(t["numel"] for t in doc["tensors"])
+    return bits, every
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        for rank, i in enumerate(order):
+            r[i] = rank
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+
+
+def rank_study(src: Path, m: Measured, n: int, seed: int = 0) -> dict:
+    from nwcfmt.planner.check import plan_kl
+
+    rng = random.Random(seed)
+    plans = []
+    for _ in range(n):
+        noisy = Measured.from_dict(m.to_dict())
+        for t in noisy.tensors:
+            t.scale *= math.exp(rng.gauss(0.0, 1.0))
+        plans.append(make_plan(noisy, 3.5))
+    kls = plan_kl(src, plans)
+    scale = {t.name: t.scale for t in m.tensors}
+    fisher_pred = [sum(e.choice.error * scale[e.name] for e in p.entries) for p in plans]
+    hessian_pred = [sum(e.choice.error for e in p.entries) for p in plans]
+    return {
+        "plans": n,
+        "bits": [round(p.bits_per_weight, 4) for p in plans],
+        "heldout_kl": kls,
+        "predicted_fisher_scaled": fisher_pred,
+        "predicted_hessian": hessian_pred,
+        "spearman_fisher_scaled": spearman(fisher_pred, kls),
+        "spearman_hessian": spearman(hessian_pred, kls),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=None, help="comma-separated row names")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--cache", type=Path, default=CACHE, help="the planner's measurements of SmolLM2")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "planner.jsonl")
+    parser.add_argument("--rank", type=int, default=0, help="run the rank-correlation study with this many plans")
+    args = parser.parse_args(argv)
+    src = data.smollm2_dir("float32")
+    print(f"SmolLM2-135M fp32; {os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
+    m = measured(src, args.cache)
+    if args.rank:
+        result = rank_study(src, m, args.rank)
+        print(json.dumps(result), flush=True)
+        with args.json.open("a") as f:
+            f.write(json.dumps({"row": "rank-study", **result}) + "\n")
+        return 0
+    table = rows(m, TARGETS)
+    names = args.only.split(",") if args.only else list(table)
+    done = set()
+    if args.json.exists():
+        done = {json.loads(line)["row"] for line in args.json.read_text().splitlines()}
+    referee = Referee(src, args.windows)
+    if "fp" not in done:
+        ppl, kl = referee.score(src)
+        row = {"row": "fp", "planned_bpw": 16.0, "ppl": round(ppl, 3), "kl": round(kl, 5), "windows": args.windows}
+        with args.json.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    with tempfile.TemporaryDirectory(prefix="nwc-bench-plan-") as tmp:
+        for name in names:
+            if name in done:
+                continue
+            policy = Path(tmp) / "policy.json"
+            policy.write_text(json.dumps(table[name]))
+            out = Path(tmp) / "out"
+            try:
+                _, seconds = run(nwc("encode", str(src), "-o", str(out), "--policy", str(policy), "-q", "--overwrite",
+                                     "--no-resume"))  # fmt: skip
+                run(nwc("verify", str(out), "-q"))
+            except RuntimeError as exc:
+                print(f"{name}: {exc}", flush=True)
+                continue
+            bits, every = planned_bits(out)
+            ppl, kl = referee.score(out)
+            plan = table[name].get("plan", {})
+            row = {
+                "row": name,
+                "planned_bpw": round(bits, 4),
+                "file_bpw": round(every, 4),
+                "ppl": round(ppl, 3),
+                "kl": round(kl, 5),
+                "encode_s": round(seconds, 1),
+                "target": plan.get("target_bpw"),
+                "plan_bpw": plan.get("bits_per_weight"),
+                "windows": args.windows,
+            }
+            with args.json.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+            subprocess.run(["rm", "-rf", str(out)], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
