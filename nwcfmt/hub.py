@@ -344,7 +344,7 @@ def _size_section(nwc: NwcFolder) -> str:
         "Effective bits per weight (stored bytes, scales, zero points and side tables included):\n\n"
         "| tensors | bits per weight |\n| --- | --- |\n"
         f"| all {totals['tensors']} tensors | {totals['bits_per_weight']:.4f} |\n"
-        f"| the {totals['encoded_tensors']} encoded (non-raw) tensors | {totals['encoded_bits_per_weight']:.4f} |\n"
+        f"| the {totals['encoded_tensors']} encoded tensors | {totals['encoded_bits_per_weight']:.4f} |\n"
         f"| all tensors, file headers included | {totals['file_bits_per_weight']:.4f} |"
     )
 

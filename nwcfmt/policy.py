@@ -6,14 +6,14 @@ Resolution order for a tensor named ``name``:
 2. the first matching rule of the policy (``{"match": GLOB, "codec": ID, "params": {...}}``);
 3. tensors the default codec cannot hold (integer dtypes, for instance) -> ``raw``;
 4. tensors with fewer than ``min_ndim`` dimensions (norms, biases) -> ``raw``;
-5. names matching ``keep_raw`` (for lossy default codecs, embeddings and ``lm_head`` too) -> kept exactly: by
-   ``keep_exact`` (default ``lossless``: bit for bit, and smaller, about 26.5 bits a weight for fp32 weights and
-   10.5 for bf16 ones; never larger than raw) when it holds the tensor, else ``raw``;
+5. names matching ``keep_raw`` -> ``raw`` when the default codec is exact; for lossy default codecs, these and
+   embeddings and ``lm_head`` are kept exactly, by ``keep_exact`` (default ``lossless``: bit for bit and smaller,
+   about 26.5 bits a weight for fp32 weights and 10.5 for bf16 ones, never larger than raw) when it holds the
+   tensor, else ``raw``;
 6. the default codec with its params.
 
 A policy file is JSON with the keys ``codec``, ``params``, ``rules``, ``exclude``, ``keep_raw``, ``keep_exact`` and
-``min_ndim``
-(all optional; ``plan``, what ``nwc plan`` writes beside its rules, is read past)::
+``min_ndim`` (all optional; ``plan``, what ``nwc plan`` writes beside its rules, is read past)::
 
     {"codec": "lossless", "rules": [{"match": "*.embed_tokens.weight", "codec": "raw"}], "exclude": ["lm_head.*"]}
 """
@@ -57,7 +57,7 @@ class Policy:
     _codecs: dict[tuple[str, str], Codec] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if not get_codec(self.keep_exact).exact:
+        if not isinstance(self.keep_exact, str) or not get_codec(self.keep_exact).exact:
             raise InputError(f"keep_exact must name an exact codec (raw, lossless), not {self.keep_exact!r}")
         for codec_id, params in [(self.codec, self.params)] + [(r.codec, r.params) for r in self.rules]:
             self._instance(codec_id, params)  # fail early on unknown codecs or bad params
@@ -85,6 +85,8 @@ class Policy:
         if tensor.dim() < self.min_ndim:
             return self._instance("raw", {})
         if any(fnmatchcase(name, g) for g in keep_raw):
+            if default.exact:  # an exact default (raw, lossless) keeps them raw, as asked
+                return self._instance("raw", {})
             exact = self._instance(self.keep_exact, {})
             return exact if exact.supports(tensor) else self._instance("raw", {})
         return default

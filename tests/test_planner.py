@@ -223,12 +223,14 @@ def test_plan_prints_and_writes_a_policy(calib_llama_dir, tmp_path):
 
     plan = tmp_path / "plan.json"
     shown = run_nwc("plan", calib_llama_dir, "--target-bpw", "3", "--budget", "whole", "--no-sensitivity", "-o", plan,
-                    "-q", *CALIB).stdout  # fmt: skip
+                    "--exclude", "*layers.2.mlp.*", "-q", *CALIB).stdout  # fmt: skip
     assert "bits per weight over the whole tensors" in shown and "model.embed_tokens.weight" in shown
     doc = json.loads(plan.read_text())
     summary = doc["plan"]
     assert summary["budget"] == "whole" and summary["proxy"] == "hessian"
-    assert summary["fixed_weights"] == 7 * 64  # the norms
+    assert doc["exclude"] == ["*layers.2.mlp.*"]  # kept raw by the plan's policy too
+    assert not any(".layers.2.mlp." in name for name in summary["tensors"])
+    assert summary["fixed_weights"] == 7 * 64 + 3 * 64 * 160  # the norms and the excluded Linears
     total = 8 * (summary["planned_bytes"] + summary["fixed_bytes"])
     assert 2.99 <= total / (summary["planned_weights"] + summary["fixed_weights"]) <= 3.0
     policy = Policy.from_file(plan)

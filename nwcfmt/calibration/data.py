@@ -117,11 +117,16 @@ def heldout_batches(
     calib_samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
     batch_size: int = 8,
+    skip: int = 0,
 ) -> list[torch.Tensor]:
     """``samples`` windows of the calibration text that share no text with the ``calib_samples`` windows
-    :func:`calibration_batches` takes for ``seed`` (each window's span, 16 characters a token, is kept clear of
-    theirs): held-out text for checking what calibration chose."""
+    :func:`calibration_batches` takes for ``seed`` nor with each other (each window's span, 16 characters a
+    token, is kept clear of the others'): held-out text for checking what calibration chose. The windows are
+    drawn in a fixed order; ``skip`` leaves out the first ones (the planner's Fisher takes windows 0-15, its KL
+    check the next 16)."""
     text = default_text() if text is None else text
+    if not text.strip():
+        raise InputError("the calibration text is empty")
     span = 16 * seqlen
     used = sorted(_starts(text, calib_samples, seed))
     generator = torch.Generator().manual_seed(seed + HELDOUT_SEED_OFFSET)
@@ -131,10 +136,10 @@ def heldout_batches(
             s = _word_start(text, o)
             if all(s + span <= u or u + span <= s for u in used + starts):
                 starts.append(s)
-            if len(starts) == samples:
-                windows = torch.tensor(_windows(tokenizer, text, starts, seqlen), dtype=torch.long)
+            if len(starts) == skip + samples:
+                windows = torch.tensor(_windows(tokenizer, text, starts[skip:], seqlen), dtype=torch.long)
                 return _batches(windows, batch_size)
-    raise InputError(f"the calibration text is too short for {samples} held-out windows of {seqlen} tokens")
+    raise InputError(f"the calibration text is too short for {skip + samples} held-out windows of {seqlen} tokens")
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -620,7 +620,8 @@ def encode_calibrated(
     ``executor``: a :class:`~nwcfmt.distributed.torch_backend.TorchDistExecutor` shares each block's Linears
     among the ranks; ranks other than rank 0 return None once the blocks are done (rank 0 writes).
 
-    ``policy`` defaults to the encoder's codec and config (norms, biases, embeddings and ``lm_head`` raw).
+    ``policy`` defaults to the encoder's codec and config (norms and biases raw, embeddings and ``lm_head``
+    lossless).
     ``stop_after_blocks`` (or ``$NWC_CALIB_STOP_AFTER``) raises :class:`CalibrationStopped` once that many blocks
     are finished, leaving the resume state behind (for tests).
     """
@@ -646,8 +647,10 @@ def encode_calibrated(
         "quantizer": f"{type(quantizer).__module__}.{type(quantizer).__qualname__}",
         "calib": calib.fingerprint(),
         "tensors": [t.tensor for block in targets for t in block],
-        "configs": _per_linear_configs(targets, codec),
     }
+    configs = _per_linear_configs(targets, codec)
+    if configs:  # only then, so that the resume states of one-config encodes stay valid
+        fingerprint["configs"] = configs
     if calib.generate:
         batches = generated_batches(src, tokenizer, calib.samples, calib.seqlen, calib.batch_size, calib.seed)
     else:

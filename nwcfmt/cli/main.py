@@ -292,10 +292,10 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
     whatever the number of workers.
 
     With --target-bpw B, the planner (nwc plan) chooses each tensor's codec and setting for B bits per weight
-    and the encode follows its plan: the file holds at most B bits per weight, within 0.01 of it.
+    and the encode follows its plan: the records of the planned tensors (weights, embeddings, lm_head) hold at
+    most B bits per weight, within 0.01 of it (--budget whole: of every tensor; headers are not counted). An
+    interrupted encode plans again (the same plan) and resumes; --plan-out keeps the plan for --policy.
     """
-    from nwcfmt.calibration import get_method
-    from nwcfmt.distributed import INLINE, open_executor
 
     hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
     no_resume = options.pop("no_resume")
@@ -303,33 +303,64 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
     planning = {
         key: options.pop(key) for key in ("target_bpw", "budget", "plan_codecs", "no_sensitivity", "rerank", "plan_out")
     }
-    plan_file = None
-    if planning["target_bpw"] is None:
-        if any(planning[k] for k in ("budget", "plan_codecs", "no_sensitivity", "rerank", "plan_out")):
-            raise InputError("--budget, --plan-codecs, --no-sensitivity, --rerank and --plan-out need --target-bpw")
-    else:
-        given = [
-            k
-            for k, v in (("--codec", codec), ("--policy", policy_file), ("--prune", options.get("prune")))
-            if v is not None
-        ] + [f"--{k.replace('_', '-')}" for k in ("bits", "group_size") if options.get(k)]
-        if given or params or ray:
-            raise InputError(f"--target-bpw chooses the codecs itself: drop {', '.join(given) or '--param/--ray'}")
-        policy_file = plan_file = _plan_for_encode(src, dst, planning, calib, exclude, hub, quiet)
-    if codec is None and policy_file is not None and options.get("prune") is None:
-        codec = _policy_calibrated_codec(policy_file)  # a plan (or any policy) whose main codec calibrates
+    _check_planning(planning, codec, policy_file, options, params, ray)
     sparse = {key: options.pop(key) for key in ("prune", "sparsity", "sparsity_pattern", "prune_scope", "reconstruct")}
     codec_params = {**{k: v for k, v in options.items() if v is not None}, **parse_params(params)}  # quantizer
     if sparse["prune"] is not None:
         codec, codec_params = "sparse", _sparse_params(codec, codec_params, sparse, policy_file)
     elif any(v is not None for v in sparse.values()):
         raise InputError("--sparsity, --sparsity-pattern, --prune-scope and --reconstruct need --prune")
+    shard_bytes = parse_size(max_shard_size) if max_shard_size else None
+    plan_file = None
+    try:
+        if planning["target_bpw"] is not None:
+            policy_file = plan_file = _plan_for_encode(src, dst, planning, calib, exclude, hub, quiet)
+        if codec is None and policy_file is not None and sparse["prune"] is None:
+            planned = _plan_codec(policy_file)  # a plan whose main codec calibrates: its rules calibrate
+            if planned is not None:
+                codec, codec_params = planned[0], {**planned[1], **codec_params}
+        _encode_routed(
+            src, dst, codec, codec_params, policy_file, exclude, shard_bytes, overwrite, quiet, hub, no_resume, calib,
+            ray, planned_here=plan_file is not None,
+        )  # fmt: skip
+    finally:
+        if plan_file is not None and planning["plan_out"] is None:
+            plan_file.unlink(missing_ok=True)
+
+
+def _check_planning(planning: dict, codec, policy_file, options: dict, params, ray) -> None:
+    """One-line errors for planner options without --target-bpw, and for what --target-bpw decides itself."""
+    from nwcfmt.distributed.torch_backend import launched_by_torchrun
+
+    if planning["target_bpw"] is None:
+        if any(planning[k] for k in ("budget", "plan_codecs", "no_sensitivity", "rerank", "plan_out")):
+            raise InputError("--budget, --plan-codecs, --no-sensitivity, --rerank and --plan-out need --target-bpw")
+        return
+    given = [k for k, v in (("--codec", codec), ("--policy", policy_file)) if v is not None]
+    given += [f"--{k.replace('_', '-')}" for k in ("prune", "bits", "group_size", "symmetric", "clip_search")
+              if options.get(k) is not None]  # fmt: skip
+    given += ["--param"] if params else []
+    given += ["--ray"] if ray else []
+    if given:
+        raise InputError(f"--target-bpw chooses the codecs itself: drop {', '.join(given)}")
+    if launched_by_torchrun():
+        raise InputError("plan once with 'nwc plan --target-bpw B -o plan.json', then run 'nwc encode --policy "
+                         "plan.json' under torchrun")  # fmt: skip
+
+
+def _encode_routed(
+    src, dst, codec, codec_params, policy_file, exclude, shard_bytes, overwrite, quiet, hub, no_resume, calib, ray,
+    planned_here: bool,
+) -> None:  # fmt: skip
+    """Encode with the calibrated pipeline when ``codec`` calibrates (and can here), else data-free."""
+    from nwcfmt.calibration import get_method
+    from nwcfmt.distributed import INLINE, open_executor
+
     factory = get_method(codec) if codec else None
     if codec == "sparse" and not _sparse_codec(codec_params).calibrated:
         factory = None
-    if factory is None and any(v is not None for v in calib.values()):
+    if factory is None and any(v is not None for v in calib.values()) and not planned_here:
         raise InputError("--calib, --calib-samples and --calib-seqlen apply to calibrated codecs only")
-    shard_bytes = parse_size(max_shard_size) if max_shard_size else None
     if factory is not None and getattr(get_codec_class(codec), "calibration_optional", False):
         factory = _optional_calibration(src, codec, codec_params, factory, quiet)
     if factory is not None and ray:
@@ -341,8 +372,6 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
             )
         codec_params["calibrate"], factory = False, None
     executor = open_executor(ray)
-    if plan_file is not None:
-        codec_params = {**json.loads(plan_file.read_text()).get("params", {}), **codec_params}
     try:
         if factory is not None:
             _encode_calibrated(
@@ -378,20 +407,20 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
             )
     finally:
         executor.close()
-        if plan_file is not None and planning["plan_out"] is None:
-            plan_file.unlink(missing_ok=True)
 
 
-def _policy_calibrated_codec(policy_file: Path) -> str | None:
-    """The main codec of a policy file when it has a calibrated encoder (its rules then calibrate), else None."""
+def _plan_codec(policy_file: Path) -> tuple[str, dict] | None:
+    """(main codec, its params) of a plan file (``nwc plan -o``) whose main codec calibrates, else None: a plan's
+    rules are meant to be calibrated, each at its own setting. Other policy files keep their old meaning."""
     from nwcfmt.calibration import calibrated_methods
 
     try:
         doc = json.loads(Path(policy_file).read_text())
     except (OSError, ValueError) as exc:
         raise InputError(f"{policy_file}: cannot read policy file ({exc})") from None
-    main = doc.get("codec") if isinstance(doc, dict) else None
-    return main if main in calibrated_methods() else None
+    if not isinstance(doc, dict) or "plan" not in doc or doc.get("codec") not in calibrated_methods():
+        return None
+    return doc["codec"], dict(doc.get("params") or {})
 
 
 def _calib_options(calib: dict):
@@ -781,7 +810,7 @@ def info(path, as_json) -> None:
         f"\n{totals['tensors']} tensors ({', '.join(f'{k}: {v}' for k, v in sorted(by_codec.items()))}), "
         f"{totals['numel']:,} weights: {human(totals['original_bytes'])} -> {human(totals['stored_bytes'])} "
         f"({totals['ratio']:.4f}x), {totals['bits_per_weight']:.3f} bits/weight "
-        f"({totals['encoded_bits_per_weight']:.3f} over the {totals['encoded_tensors']} non-raw tensors); "
+        f"({totals['encoded_bits_per_weight']:.3f} over the {totals['encoded_tensors']} encoded tensors); "
         f"files {human(totals['file_bytes'])} ({totals['file_bits_per_weight']:.3f} bits/weight with headers)"
     )
 

@@ -20,7 +20,7 @@ import torch
 
 from nwcfmt.codecs.registry import get_codec
 from nwcfmt.container.writer import decode_encoded, encode_tensor, encoded_nbytes
-from nwcfmt.errors import InputError
+from nwcfmt.errors import InputError, NwcError
 
 FAMILIES = ("ecsq", "gptq", "rtn", "lossless")
 CALIBRATED_FAMILIES = ("ecsq", "gptq")  # a plan holds at most one: the calibration pipeline runs one encoder
@@ -164,7 +164,10 @@ def measure(
     for option in choices:
         if not _codec(option, weight).supports(tensor):
             continue
-        nbytes, decoded = encode_option(name, tensor, option, weight)
+        try:
+            nbytes, decoded = encode_option(name, tensor, option, weight)
+        except NwcError:  # e.g. a rate below what the tensor's scales alone cost: not a candidate
+            continue
         delta = decoded - ref
         cost = math.ceil(option.config["bits"] * tensor.numel() / 8) if option.codec == "ecsq" else nbytes
         fisher_error = None if fisher is None else float((fisher.double() * delta.double().pow(2)).sum())

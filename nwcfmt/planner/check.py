@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from nwcfmt.calibration.data import heldout_batches
-from nwcfmt.calibration.pipeline import CalibOptions, _quiet_transformers
-from nwcfmt.errors import InputError
+from nwcfmt.calibration.pipeline import CalibOptions, _checkpoint_name, _quiet_transformers
+from nwcfmt.errors import InputError, NwcError
 from nwcfmt.planner.candidates import ErrorWeight, encode_option
+from nwcfmt.planner.measure import FISHER_SAMPLES
 from nwcfmt.planner.plan import Plan
 from nwcfmt.sources import WeightSource
 
@@ -50,11 +51,19 @@ def plan_kl(
     if not any(a.endswith("ForCausalLM") for a in getattr(model.config, "architectures", None) or ()):
         raise InputError("--kl measures causal language models only")
     tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
-    batches = heldout_batches(tokenizer, calib.text, samples, calib.seqlen, calib.samples, calib.seed)
+    batches = heldout_batches(
+        tokenizer, calib.text, samples, calib.seqlen, calib.samples, calib.seed, skip=FISHER_SAMPLES
+    )  # after the Fisher's windows
     reference = _log_probs(model, batches)
     source = WeightSource.open(src)
-    params = {_tensor_name(n, source, model): p for n, p in model.named_parameters()}
-    original = {n: p.detach().clone() for n, p in params.items()}
+    params = {}
+    for n, p in model.named_parameters():
+        try:
+            params[_checkpoint_name(n, source, model)] = p
+        except NwcError:  # not in the checkpoint (a tied head): never planned
+            continue
+    planned = {e.name for plan in plans for e in plan.entries}
+    original = {n: p.detach().clone() for n, p in params.items() if n in planned}
     out = []
     for plan in plans:
         with torch.no_grad():
@@ -65,16 +74,9 @@ def plan_kl(
                 params[e.name].copy_(decoded.reshape(params[e.name].shape))
         out.append(kl_to_model(reference, model, batches))
         with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(original[n])
+            for n, value in original.items():
+                params[n].copy_(value)
     return out
-
-
-def _tensor_name(name: str, source: WeightSource, model: torch.nn.Module) -> str:
-    prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    if name not in source.locations and name.startswith(prefix) and name[len(prefix) :] in source.locations:
-        return name[len(prefix) :]
-    return name
 
 
 __all__ = ["CHECK_SAMPLES", "kl_to_model", "plan_kl"]

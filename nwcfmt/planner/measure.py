@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,6 +64,7 @@ class Measured:
     fixed_numel: int
     proxy: str  # "hessian" or "fisher-scaled"
     seconds: float = 0.0
+    exclude: list[str] = field(default_factory=list)  # globs kept raw, outside the plan
 
     def to_dict(self) -> dict:
         """Plain JSON types (to solve for other targets later without measuring again)."""
@@ -72,6 +73,7 @@ class Measured:
             "fixed_numel": self.fixed_numel,
             "proxy": self.proxy,
             "seconds": self.seconds,
+            "exclude": list(self.exclude),
             "tensors": [
                 {
                     "name": t.name,
@@ -108,7 +110,14 @@ class Measured:
             )
             for t in doc["tensors"]
         ]
-        return cls(tensors, doc["fixed_bytes"], doc["fixed_numel"], doc["proxy"], doc.get("seconds", 0.0))
+        return cls(
+            tensors,
+            doc["fixed_bytes"],
+            doc["fixed_numel"],
+            doc["proxy"],
+            doc.get("seconds", 0.0),
+            doc.get("exclude", []),
+        )
 
 
 def fisher_diagonal(src: Path, batches: list[torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -163,7 +172,7 @@ def measure_model(
     fisher: dict[str, torch.Tensor] = {}
     if sensitivity and causal:
         say("measuring the Fisher sensitivity on held-out calibration windows")
-        held = heldout_batches(tokenizer, calib.text, FISHER_SAMPLES, calib.seqlen, calib.samples, calib.seed)
+        held = heldout_batches(tokenizer, calib.text, FISHER_SAMPLES, calib.seqlen, calib.samples, calib.seed, skip=0)
         fisher = {_checkpoint_name(n, source, model): f for n, f in fisher_diagonal(src, held, calib.seed).items()}
     batches = calibration_batches(tokenizer, calib.text, calib.samples, calib.seqlen, calib.batch_size, calib.seed)
     counts = torch.bincount(torch.cat([b.reshape(-1) for b in batches]))
@@ -171,6 +180,8 @@ def measure_model(
 
     def measured(name: str, weight: ErrorWeight, kind: str) -> None:
         out[name] = measure(name, source.get(name), choices, weight, fisher.get(name), kind)
+        if not out[name].candidates:
+            raise InputError(f"{name}: none of the planner's codecs can encode it; add lossless to --plan-codecs")
 
     base = _base_prefix(model, layout)
     load_weights(layout.base, base, source, model, skip=(layout.blocks,), required=False)
@@ -214,7 +225,7 @@ def measure_model(
         for t in tensors:
             t.scale = t.sensitivity()
     proxy = "fisher-scaled" if fisher else "hessian"
-    return Measured(tensors, fixed_bytes, fixed_numel, proxy, time.perf_counter() - start)
+    return Measured(tensors, fixed_bytes, fixed_numel, proxy, time.perf_counter() - start, list(exclude))
 
 
 __all__ = ["FISHER_SAMPLES", "Measured", "fisher_diagonal", "measure_model", "planned_tensors"]

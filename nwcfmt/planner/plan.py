@@ -55,6 +55,7 @@ class Plan:
     fixed_bytes: int = 0
     fixed_numel: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)  # globs kept raw (written into the policy)
 
     @property
     def planned_bytes(self) -> int:
@@ -89,7 +90,10 @@ class Plan:
             {"match": glob_escape(e.name), "codec": e.choice.option.codec, "params": e.choice.option.config}
             for e in self.entries
         ]
-        return {"codec": codec, "params": params, "rules": rules, PLAN_KEY: self.summary()}
+        doc = {"codec": codec, "params": params, "rules": rules, PLAN_KEY: self.summary()}
+        if self.exclude:
+            doc["exclude"] = list(self.exclude)
+        return doc
 
     def policy(self) -> Policy:
         doc = self.policy_dict()
@@ -177,7 +181,9 @@ def make_plan(measured: Measured, target_bpw: float, budget: str = "planned") ->
     ]
     left = budget_bytes - sum(e.choice.nbytes for e in entries)
     _spend_on_a_rate(entries, tensors, left)
-    return Plan(entries, target_bpw, budget, measured.proxy, measured.fixed_bytes, measured.fixed_numel)
+    return Plan(
+        entries, target_bpw, budget, measured.proxy, measured.fixed_bytes, measured.fixed_numel, {}, measured.exclude
+    )
 
 
 def _spend_on_a_rate(entries: list[PlanEntry], tensors: list[TensorCandidates], left: int) -> None:
