@@ -259,7 +259,8 @@ def test_calibrated_codecs_still_refuse_other_per_tensor_params(calib_llama_dir,
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"codec": "gptq", "rules": [{"match": "*q_proj*", "codec": "gptq",
                                                               "params": {"act_order": True}}]}))  # fmt: skip
-    proc = run_nwc("encode", calib_llama_dir, "-o", tmp_path / "o", "--policy", policy, *CALIB, check=False)
+    proc = run_nwc("encode", calib_llama_dir, "-o", tmp_path / "o", "--codec", "gptq", "--policy", policy, *CALIB,
+                   check=False)  # fmt: skip
     assert proc.returncode != 0 and "act_order" in proc.stderr and "Traceback" not in proc.stderr
 
 
