@@ -29,12 +29,11 @@ import math
 import os
 import random
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _common import data_free, nwc, run, spearman
 
 from nwcfmt import data
 from nwcfmt.planner import make_plan, options
@@ -44,18 +43,6 @@ HERE = Path(__file__).resolve().parent
 TARGETS = (3.0, 3.5, 4.0, 4.5)
 CACHE = Path(os.environ.get("NWC_BENCH_CACHE", Path.home() / ".cache" / "nwcfmt-bench")) / "planner-smollm2.json"
 EMBED = "model.embed_tokens.weight"
-
-
-def nwc(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nwcfmt.cli.main", *args]
-
-
-def run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[3:6])}... failed: {proc.stderr.strip().splitlines()[-3:]}")
-    return proc, time.perf_counter() - start
 
 
 def measured(src: Path, cache: Path) -> Measured:
@@ -75,14 +62,6 @@ def without_sensitivity(m: Measured) -> Measured:
         t["scale"] = 1.0
     doc["proxy"] = "hessian"
     return Measured.from_dict(doc)
-
-
-def data_free(doc: dict) -> dict:
-    """The policy with its ecsq settings data-free (calibrate=false)."""
-    for part in [doc, *doc["rules"]]:
-        if part.get("codec") == "ecsq":
-            part["params"] = {**part.get("params", {}), "calibrate": False}
-    return doc
 
 
 def uniform(codec: str, **params) -> dict:
@@ -157,20 +136,6 @@ def planned_bits(folder: Path) -> tuple[float, float]:
     bits = 8 * sum(t["stored_bytes"] for t in planned) / sum(t["numel"] for t in planned)
     every = 8 * sum(t["stored_bytes"] for t in doc["tensors"]) / sum(t["numel"] for t in doc["tensors"])
     return bits, every
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(x):
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        for rank, i in enumerate(order):
-            r[i] = rank
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
 
 
 def rank_study(src: Path, m: Measured, n: int, seed: int = 0) -> dict:

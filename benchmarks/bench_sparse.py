@@ -21,8 +21,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _common import nwc, run
 
 from nwcfmt import data
 
@@ -65,18 +66,16 @@ ROWS: dict[str, list[str]] = {
     "ecsq-3.1": ["--codec", "ecsq", "--bits", "3.1"],
 }
 CALIBRATED = ("--prune wanda", "--prune sparsegpt", "--codec gptq", "--codec ecsq", "--reconstruct")
-
-
-def nwc(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nwcfmt.cli.main", *args]
-
-
-def run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[3:6])}... failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return proc, time.perf_counter() - start
+# llm-compressor's pruning modifiers (benchmarks/peers.py llmc-prune, in llm-compressor's own venv) on the same
+# calibration windows: name -> (method, sparsity, pattern). They store dense weights (compressed-tensors dropped
+# its sparse formats), so these rows compare perplexity at equal sparsity, not bits.
+PEER_ROWS: dict[str, tuple[str, float, str]] = {
+    "llmc-sparsegpt-50": ("sparsegpt", 0.5, "unstructured"),
+    "llmc-wanda-50": ("wanda", 0.5, "unstructured"),
+    "llmc-sparsegpt-2:4": ("sparsegpt", 0.5, "2:4"),
+    "llmc-wanda-2:4": ("wanda", 0.5, "2:4"),
+}
+DEFAULT_LLMC_PYTHON = Path.home() / ".cache" / "nwcfmt-bench" / "llmc-venv" / "bin" / "python"
 
 
 def linear_bits(folder: Path) -> tuple[float, float, float]:
@@ -121,6 +120,38 @@ def measure(name: str, args: list[str], src: Path, work: Path, windows: int) -> 
     }
 
 
+def measure_peer(name: str, src: Path, work: Path, windows: int, llmc_python: Path) -> dict:
+    """One llm-compressor pruning row: prune in its venv on nwcfmt's calibration windows, then the same eval."""
+    from bench_calibrated import calibration_tokens
+
+    from nwcfmt.calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN
+
+    method, sparsity, pattern = PEER_ROWS[name]
+    tokens = work / "calib-tokens.pt"
+    if not tokens.exists():
+        calibration_tokens(src, DEFAULT_SAMPLES, DEFAULT_SEQLEN, tokens)
+    folder, result = work / name.replace(":", ""), work / f"{name.replace(':', '')}.json"
+    cmd = [str(llmc_python), str(HERE / "peers.py"), "llmc-prune", "--src", str(src), "--out", str(folder)]
+    cmd += ["--method", method, "--sparsity", str(sparsity), "--pattern", pattern, "--tokens", str(tokens)]
+    _, seconds = run([*cmd, "--result", str(result)])
+    stats = json.loads(result.read_text())
+    proc, _ = run(nwc("eval", str(folder), "--json", "--no-save", "-q", "--windows", str(windows)))
+    record = json.loads(proc.stdout)
+    return {
+        "row": name,
+        "args": f"llm-compressor {stats['version']} {stats['config']['modifier']} {pattern} (dense weights)",
+        "ppl": round(float(record["value"]), 3),
+        "linear_bpw": None,  # the peer stores dense weights
+        "mask_bpw": 0.0,
+        "sparsity": round(stats["sparsity"], 4),
+        "file_bpw_all": record["bits_per_weight"]["all"],
+        "encode_s": round(seconds - stats["eval_copy_s"], 1),
+        "sparse_checked": 0,
+        "windows": windows,
+        "peer": stats,
+    }
+
+
 def table(rows: list[dict]) -> str:
     fp = next((r["ppl"] for r in rows if r["row"] == "fp"), None)
     lines = [
@@ -128,10 +159,14 @@ def table(rows: list[dict]) -> str:
         "| encode s |",
         "|---|---|---|---|---|---|---|---|",
     ]
+
+    def bits(value: float | None) -> str:
+        return "dense" if value is None else f"{value:.3f}"
+
     for r in rows:
         ratio = f"{r['ppl'] / fp:.2f}" if fp else "-"
         lines.append(
-            f"| {r['row']} | `{r['args']}` | {r['linear_bpw']:.3f} | {r['mask_bpw']:.3f} | {r['sparsity']:.3f} | "
+            f"| {r['row']} | `{r['args']}` | {bits(r['linear_bpw'])} | {r['mask_bpw']:.3f} | {r['sparsity']:.3f} | "
             f"{r['ppl']:.2f} | {ratio} | {r['encode_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -143,16 +178,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=8, help="perplexity windows (default 8, the protocol)")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "sparse.jsonl")
     parser.add_argument("--fresh", action="store_true", help="rerun rows already in --json")
+    parser.add_argument(
+        "--llmc-python",
+        type=Path,
+        default=Path(os.environ.get("NWC_BENCH_LLMC_PYTHON", DEFAULT_LLMC_PYTHON)),
+        help="interpreter that has llmcompressor, for the llmc-* rows (its own venv; see benchmarks/README.md)",
+    )
     args = parser.parse_args(argv)
-    names = args.only.split(",") if args.only else list(ROWS)
-    unknown = [n for n in names if n not in ROWS]
+    known = {**ROWS, **PEER_ROWS}
+    names = args.only.split(",") if args.only else list(known)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+        parser.error(f"unknown rows {unknown}; known: {', '.join(known)}")
     done = {}
     if args.json.exists() and not args.fresh:
         for line in args.json.read_text().splitlines():
             row = json.loads(line)
-            if row["windows"] == args.windows and ROWS.get(row["row"]) is not None:
+            if row["windows"] == args.windows and known.get(row["row"]) is not None:
                 done[row["row"]] = row
     args.json.parent.mkdir(parents=True, exist_ok=True)
     src = data.smollm2_dir("float32")
@@ -164,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(done[name])
                 continue
             try:
-                row = measure(name, ROWS[name], src, Path(tmp), args.windows)
+                if name in PEER_ROWS:
+                    row = measure_peer(name, src, Path(tmp), args.windows, args.llmc_python)
+                else:
+                    row = measure(name, ROWS[name], src, Path(tmp), args.windows)
             except RuntimeError as exc:
                 print(f"{name}: {exc}", flush=True)
                 continue

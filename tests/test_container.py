@@ -258,3 +258,29 @@ def test_parallel_crc_equals_zlib(monkeypatch, n):
     monkeypatch.setenv("NWC_THREADS", "2")
     data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
     assert crc32_parallel(memoryview(data), piece=4096) == zlib.crc32(data)
+
+
+@pytest.mark.parametrize(
+    ("codec", "config"),
+    [("raw", {}), ("lossless", {}), ("rtn", {"bits": 4}), ("ecsq", {"bits": 3.137, "calibrate": False})],
+)
+def test_record_overhead_bounds_the_header_bytes(tmp_path, codec, config):
+    """The planner's --target-size counts each record's data plus record_overhead, and HEADER_ALLOWANCE per file:
+    that bounds the real file, without being loose by more than the padding it allows for."""
+    from nwcfmt.container.writer import HEADER_ALLOWANCE, NwcWriter, encode_tensor, encoded_nbytes, record_overhead
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    data = bound = segments = 0
+    with NwcWriter(path, loader_notice=True) as w:
+        for i, shape in enumerate([(64, 160), (160, 64), (32, 576), (48, 256)]):
+            name = f"model.layers.{i}.mlp.down_proj.weight"
+            tensor = torch.randn(shape, dtype=torch.bfloat16)
+            c, encoded = encode_tensor(name, tensor, codec, **config)
+            data += encoded_nbytes(encoded)
+            bound += record_overhead(name, c, encoded, tensor.shape, tensor.dtype)
+            segments += len(encoded.segments)
+            w.append(name, tensor, c, encoded)
+    size = path.stat().st_size
+    assert size <= data + bound + HEADER_ALLOWANCE
+    assert data + bound - size < segments * 200  # padding bound (63 bytes) and the wide offsets (2 x 16 digits)

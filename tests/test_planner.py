@@ -172,6 +172,20 @@ def test_plans_meet_their_targets_within_a_hundredth(measured):
         make_plan(measured, 0.5)
 
 
+def test_size_plans_fit_their_files(measured):
+    """--target-size: the bound of the weight files (records, their header bounds, an allowance per file) is at
+    most the size and within 0.2% of it; a size below the smallest plan is refused."""
+    from nwcfmt.errors import InputError
+    from nwcfmt.planner import make_plan
+
+    for size in (1_000_000, 1_500_000, 3_000_000):
+        plan = make_plan(measured, None, target_size=size, shards=2)
+        assert 0.998 * size <= plan.file_bytes <= size, (size, plan.file_bytes)
+        assert plan.budget == "whole" and plan.summary()["target_size"] == size
+    with pytest.raises(InputError, match="below the smallest plan"):
+        make_plan(measured, None, target_size=100_000)
+
+
 def test_candidate_bytes_are_the_bytes_written(measured, calib_llama_dir, tmp_path):
     """A data-free plan written by nwc encode stores each tensor in exactly the candidate's measured bytes (rtn,
     lossless) or within its ecsq bound."""
@@ -213,6 +227,14 @@ def test_encode_meets_the_target(calib_llama_dir, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model.model.embed_tokens.weight).all()
+
+
+def test_encode_meets_a_target_size(calib_llama_dir, tmp_path):
+    """encode --target-size: the weight files, headers included, hold at most the size and nearly all of it."""
+    out = tmp_path / "out"
+    run_nwc("encode", calib_llama_dir, "-o", out, "--target-size", "1.2MB", "-q", *CALIB)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert 0.99 * 1_200_000 <= size <= 1_200_000, size
 
 
 def test_plan_prints_and_writes_a_policy(calib_llama_dir, tmp_path):
@@ -271,6 +293,10 @@ def test_calibrated_codecs_still_refuse_other_per_tensor_params(calib_llama_dir,
         (["--budget", "whole"], "need --target-bpw"),
         (["--target-bpw", "3", "--plan-codecs", "ecsq,gptq"], "one calibrated codec"),
         (["--target-bpw", "3", "--calib", "self"], "not supported"),
+        (["--target-bpw", "3", "--target-size", "1MB"], "not both"),
+        (["--target-size", "1MB", "--budget", "whole"], "drop --budget"),
+        (["--target-size", "lots"], "--target-size: 'lots' is not a size"),
+        (["--plan-out", "p.json"], "need --target-bpw or --target-size"),
     ],
 )
 def test_bad_plans_get_one_line_errors(calib_llama_dir, tmp_path, args, message):
@@ -295,3 +321,92 @@ def test_rerank_keeps_the_plan_with_the_lowest_heldout_kl(calib_llama_dir, tmp_p
     assert doc["plan"]["heldout_kl"] == min(kls.values()) and doc["plan"]["proxy"] == min(kls, key=kls.get)
     proc = run_nwc("plan", calib_llama_dir, "--target-bpw", "2.5", "--rerank", "--no-sensitivity", *CALIB, check=False)
     assert proc.returncode != 0 and "drop --no-sensitivity" in proc.stderr
+
+
+def test_a_stored_tied_head_follows_the_embedding(calib_llama_dir, tmp_path):
+    """A checkpoint that stores its tied lm_head as a tensor of its own: the plan gives it the embedding's setting
+    (counting its bytes), --kl scores it, and the encoded folder decodes both alike, so transformers keeps them
+    tied."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(calib_llama_dir, src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    plan = tmp_path / "plan.json"
+    run_nwc("plan", src, "--target-bpw", "2.5", "--kl", "-o", plan, "-q", *CALIB)
+    doc = json.loads(plan.read_text())
+    summary = doc["plan"]["tensors"]
+    assert summary["lm_head.weight"]["choice"] == summary["model.embed_tokens.weight"]["choice"]
+    assert summary["lm_head.weight"]["predicted"] == 0.0  # its damage is in the embedding's (shared) Fisher
+    assert doc["plan"]["heldout_kl"] > 0 and doc["plan"]["bits_per_weight"] <= 2.5
+    out = tmp_path / "out"
+    run_nwc("encode", src, "-o", out, "--policy", plan, "-q", *CALIB)
+    bits, _ = _planned_bits(out)
+    assert 2.49 <= bits <= 2.5, bits
+    from transformers import AutoModelForCausalLM
+
+    import nwcfmt  # noqa: F401  (registers the quantizer)
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_an_encoders_sensitivity_predicts_its_embedding_change(tmp_path):
+    """For an encoder the Fisher is the Gauss-Newton diagonal of its unit sentence embedding: for a random change
+    dW of a Linear, sum F dW^2 predicts the mean |du|^2 it causes (equal in expectation over dW) within 1/3; the
+    measured planner scales every tensor, the pooler (unused by the embedding) by the median; --rerank scores an
+    encoder's plans by 1 - cosine on held-out windows."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    from conftest import tokenizer_files
+    from nwcfmt.calibration.data import calibration_batches
+    from nwcfmt.calibration.pipeline import CalibOptions
+    from nwcfmt.planner import options
+    from nwcfmt.planner.measure import fisher_diagonal, measure_model
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    src = tmp_path / "bert"
+    BertModel(config).save_pretrained(src)
+    tokenizer_files(src)
+    from transformers import AutoTokenizer
+
+    batches = calibration_batches(AutoTokenizer.from_pretrained(src), samples=16, seqlen=32, batch_size=16)
+    fisher = fisher_diagonal(src, batches)
+    model = AutoModel.from_pretrained(src).eval()
+
+    def units() -> torch.Tensor:
+        with torch.no_grad():
+            pooled = model(input_ids=batches[0]).last_hidden_state.mean(dim=1)
+        return pooled / pooled.norm(dim=-1, keepdim=True)
+
+    name = "encoder.layer.1.attention.output.dense.weight"
+    weight = dict(model.named_parameters())[name]
+    before, original = units(), weight.detach().clone()
+    gen = torch.Generator().manual_seed(1)
+    measured = predicted = 0.0
+    for _ in range(8):  # the off-diagonal terms average out over random changes
+        delta = 0.02 * torch.randn(weight.shape, generator=gen)
+        with torch.no_grad():
+            weight.copy_(original + delta)
+        measured += float((units() - before).pow(2).sum(dim=-1).mean())
+        predicted += float((fisher[name] * delta.pow(2)).sum())
+    assert 0.75 < predicted / measured < 1.33, (predicted, measured)
+
+    result = measure_model(src, options(("ecsq", "lossless")), CalibOptions(samples=8, seqlen=32))
+    assert result.proxy == "fisher-scaled"
+    scales = {t.name: t.scale for t in result.tensors}
+    assert all(s > 0 for s in scales.values())
+    others = sorted(s for n, s in scales.items() if not n.startswith("pooler."))
+    assert min(others) <= scales["pooler.dense.weight"] <= max(others)
+    from nwcfmt.planner.plan import rerank  # the end-to-end referee of an encoder: 1 - cosine on held-out windows
+
+    chosen = rerank(src, result, 3.0, calib=CalibOptions(samples=8, seqlen=32))
+    losses = chosen.notes["rerank_heldout_1_minus_cosine"]
+    assert set(losses) == {"fisher-scaled", "fisher-half", "hessian"} and all(0 < v < 1 for v in losses.values())
+    assert chosen.notes["heldout_1_minus_cosine"] == min(losses.values())

@@ -149,14 +149,14 @@ def plan_options(fn: Callable) -> Callable:
         is_flag=True,
         default=False,
         help="Plan under three proxies (Fisher-scaled, half-scaled, Hessian alone) and keep the one with the lowest "
-        "KL to the model on held-out calibration text (causal LMs).",
+        "loss on held-out calibration text (KL to the model; 1 - cosine for encoders).",
     )(fn)
     fn = click.option(
         "--no-sensitivity",
         is_flag=True,
         default=False,
-        help="Plan on Hessian-weighted layer error alone (default for causal LMs: scaled by each tensor's "
-        "measured Fisher sensitivity).",
+        help="Plan on Hessian-weighted layer error alone (default: scaled by each tensor's measured Fisher "
+        "sensitivity, of the next-token distribution or of an encoder's sentence embedding).",
     )(fn)
     fn = click.option(
         "--plan-codecs",
@@ -164,6 +164,12 @@ def plan_options(fn: Callable) -> Callable:
         metavar="LIST",
         help="Codecs the planner may choose, comma-separated, at most one calibrated (ecsq or gptq) "
         "[ecsq,rtn,lossless].",
+    )(fn)
+    fn = click.option(
+        "--target-size",
+        default=None,
+        metavar="SIZE",
+        help="Plan for weight files of at most SIZE (e.g. 60MB, 57MiB; headers included) instead of --target-bpw.",
     )(fn)
     return click.option(
         "--budget",
@@ -262,9 +268,7 @@ def plan_options(fn: Callable) -> Callable:
     help="Plan the codec and setting of each tensor for this many bits per weight (file bytes), then encode.",
 )
 @plan_options
-@click.option(
-    "--plan-out", type=click.Path(path_type=Path), default=None, help="--target-bpw: save the plan (a policy file)."
-)
+@click.option("--plan-out", type=click.Path(path_type=Path), default=None, help="Save the plan (a policy file).")
 @click.option("--no-resume", is_flag=True, help="Discard the finished shards of an interrupted encode, start over.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--revision", default=None, help="Hub repo ids: the branch, tag or commit to download [main].")
@@ -293,16 +297,16 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
 
     With --target-bpw B, the planner (nwc plan) chooses each tensor's codec and setting for B bits per weight
     and the encode follows its plan: the records of the planned tensors (weights, embeddings, lm_head) hold at
-    most B bits per weight, within 0.01 of it (--budget whole: of every tensor; headers are not counted). An
-    interrupted encode plans again (the same plan) and resumes; --plan-out keeps the plan for --policy.
+    most B bits per weight, within 0.01 of it (--budget whole: of every tensor; headers are not counted). With
+    --target-size SIZE the weight files, headers included, hold at most SIZE bytes. An interrupted encode plans
+    again (the same plan) and resumes; --plan-out keeps the plan for --policy.
     """
 
     hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
     no_resume = options.pop("no_resume")
     calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen")}
-    planning = {
-        key: options.pop(key) for key in ("target_bpw", "budget", "plan_codecs", "no_sensitivity", "rerank", "plan_out")
-    }
+    keys = ("target_bpw", "target_size", "budget", "plan_codecs", "no_sensitivity", "rerank", "plan_out")
+    planning = {key: options.pop(key) for key in keys}
     _check_planning(planning, codec, policy_file, options, params, ray)
     sparse = {key: options.pop(key) for key in ("prune", "sparsity", "sparsity_pattern", "prune_scope", "reconstruct")}
     codec_params = {**{k: v for k, v in options.items() if v is not None}, **parse_params(params)}  # quantizer
@@ -313,7 +317,8 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
     shard_bytes = parse_size(max_shard_size) if max_shard_size else None
     plan_file = None
     try:
-        if planning["target_bpw"] is not None:
+        if _planning(planning):
+            planning["shard_bytes"] = shard_bytes
             policy_file = plan_file = _plan_for_encode(src, dst, planning, calib, exclude, hub, quiet)
         if codec is None and policy_file is not None and sparse["prune"] is None:
             planned = _plan_codec(policy_file)  # a plan whose main codec calibrates: its rules calibrate
@@ -332,9 +337,11 @@ def _check_planning(planning: dict, codec, policy_file, options: dict, params, r
     """One-line errors for planner options without --target-bpw, and for what --target-bpw decides itself."""
     from nwcfmt.distributed.torch_backend import launched_by_torchrun
 
-    if planning["target_bpw"] is None:
+    if not _planning(planning):
         if any(planning[k] for k in ("budget", "plan_codecs", "no_sensitivity", "rerank", "plan_out")):
-            raise InputError("--budget, --plan-codecs, --no-sensitivity, --rerank and --plan-out need --target-bpw")
+            raise InputError(
+                "--budget, --plan-codecs, --no-sensitivity, --rerank and --plan-out need --target-bpw or --target-size"
+            )
         return
     given = [k for k, v in (("--codec", codec), ("--policy", policy_file)) if v is not None]
     given += [f"--{k.replace('_', '-')}" for k in ("prune", "bits", "group_size", "symmetric", "clip_search")
@@ -342,7 +349,7 @@ def _check_planning(planning: dict, codec, policy_file, options: dict, params, r
     given += ["--param"] if params else []
     given += ["--ray"] if ray else []
     if given:
-        raise InputError(f"--target-bpw chooses the codecs itself: drop {', '.join(given)}")
+        raise InputError(f"the planner chooses the codecs itself: drop {', '.join(given)}")
     if launched_by_torchrun():
         raise InputError("plan once with 'nwc plan --target-bpw B -o plan.json', then run 'nwc encode --policy "
                          "plan.json' under torchrun")  # fmt: skip
@@ -440,9 +447,26 @@ def _calib_options(calib: dict):
     )
 
 
-def _make_plan(src: Path, target_bpw: float, planning: dict, calib: dict, exclude, quiet: bool):
-    """Measure the model's candidates and solve for ``target_bpw`` (``nwc plan`` and ``encode --target-bpw``)."""
-    from nwcfmt.calibration.pipeline import calibration_unavailable
+def _planning(planning: dict) -> bool:
+    """Whether the options ask for a plan; one-line errors for a contradicting pair."""
+    if planning["target_bpw"] is not None and planning["target_size"] is not None:
+        raise InputError("give --target-bpw or --target-size, not both")
+    if planning["target_size"] is not None and planning["budget"] is not None:
+        raise InputError("--target-size counts the whole files: drop --budget")
+    if isinstance(planning["target_size"], str):
+        try:
+            planning["target_size"] = parse_size(planning["target_size"])
+        except click.BadParameter as exc:
+            raise InputError(f"--target-size: {exc.message}") from None
+        if planning["target_size"] <= 0:
+            raise InputError("--target-size must be a positive size")
+    return planning["target_bpw"] is not None or planning["target_size"] is not None
+
+
+def _make_plan(src: Path, planning: dict, calib: dict, exclude, quiet: bool):
+    """Measure the model's candidates and solve for ``--target-bpw`` or ``--target-size`` (``nwc plan`` and
+    ``encode``)."""
+    from nwcfmt.calibration.model import calibration_unavailable
     from nwcfmt.planner import DEFAULT_FAMILIES, make_plan, options
     from nwcfmt.planner.measure import measure_model
     from nwcfmt.planner.plan import rerank
@@ -458,11 +482,21 @@ def _make_plan(src: Path, target_bpw: float, planning: dict, calib: dict, exclud
     families = tuple(f.strip() for f in planning["plan_codecs"].split(",")) if planning["plan_codecs"] else None
     choices = options(families or DEFAULT_FAMILIES)
     say = None if quiet else (lambda line: click.echo(f"plan: {line}", err=True))
+    size = planning["target_size"]
+    shards = _shard_count(src, planning.get("shard_bytes")) if size is not None else 1
+    target_bpw, budget = planning["target_bpw"], planning["budget"] or "planned"
     measured = measure_model(src, choices, options_, list(exclude), not planning["no_sensitivity"], say)
-    budget = planning["budget"] or "planned"
     if planning["rerank"]:
-        return rerank(src, measured, target_bpw, budget, options_)
-    return make_plan(measured, target_bpw, budget)
+        return rerank(src, measured, target_bpw, budget, options_, size, shards)
+    return make_plan(measured, target_bpw, budget, size, shards)
+
+
+def _shard_count(src: Path, shard_bytes: int | None) -> int:
+    """The weight files ``encode`` writes for ``src`` (shards of whole blocks), one header allowance each."""
+    from nwcfmt.convert import plan_shards
+    from nwcfmt.sources import WeightSource
+
+    return len(plan_shards(WeightSource.open(src), shard_bytes))
 
 
 def _plan_for_encode(src, dst: Path, planning: dict, calib: dict, exclude, hub: dict, quiet: bool) -> Path:
@@ -471,11 +505,12 @@ def _plan_for_encode(src, dst: Path, planning: dict, calib: dict, exclude, hub: 
     from nwcfmt.hub import resolve_source
 
     local = Path(resolve_source(src, **hub, progress=not quiet))
-    plan = _make_plan(local, planning["target_bpw"], planning, calib, exclude, quiet)
+    plan = _make_plan(local, planning, calib, exclude, quiet)
     if not quiet:
         mix = ", ".join(f"{k} {100 * v:.1f}%" for k, v in plan.mix().items())
         click.echo(
-            f"plan: {plan.bits_per_weight:.4f} bits per weight over the {plan.budget} tensors; mix of weights: {mix}",
+            f"plan: {plan.bits_per_weight:.4f} bits per weight over the {plan.budget} tensors, at most "
+            f"{plan.file_bytes} bytes of weight files; mix of weights: {mix}",
             err=True,
         )
     path = planning["plan_out"] or Path(dst).absolute().with_name(f".{Path(dst).name}.nwc-plan.json")
@@ -585,7 +620,7 @@ def get_codec_class(codec_id: str | None):
 def _optional_calibration(src, codec: str, codec_params: dict, factory, quiet: bool):
     """The calibrated encoder of a codec that can also encode data-free (ecsq, neural), or None when
     ``calibrate=false`` or when the local source cannot be calibrated (said on stderr)."""
-    from nwcfmt.calibration.pipeline import calibration_unavailable
+    from nwcfmt.calibration.model import calibration_unavailable
 
     try:
         get_codec_class(codec)(**codec_params)  # bad params are an error before any notice
@@ -699,11 +734,16 @@ def _encode_calibrated(
 @cli.command()
 @click.argument("src")
 @click.option(
-    "--target-bpw", type=click.FloatRange(min=0.0, min_open=True), required=True, help="Bits per weight to plan for."
+    "--target-bpw", type=click.FloatRange(min=0.0, min_open=True), default=None, help="Bits per weight to plan for."
 )
 @plan_options
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None, help="Write the plan here.")
-@click.option("--kl", is_flag=True, help="Also measure the plan's KL to the model on held-out calibration text.")
+@click.option(
+    "--kl",
+    is_flag=True,
+    help="Also measure the plan end to end on held-out calibration text: KL to the model (causal LMs), or 1 - "
+    "cosine of the sentence embeddings (encoders).",
+)
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Keep tensors matching GLOB raw (repeatable).")
 @click.option("--calib", "calib_file", type=click.Path(path_type=Path), default=None, help="Calibration text.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Calibration windows [128].")
@@ -713,8 +753,9 @@ def _encode_calibrated(
 @hub_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @handle_errors
-def plan(src, target_bpw, out, kl, exclude, as_json, quiet, **options) -> None:
-    """Plan each tensor's codec and setting for TARGET_BPW bits per weight, without writing weights.
+def plan(src, out, kl, exclude, as_json, quiet, **options) -> None:
+    """Plan each tensor's codec and setting for --target-bpw bits per weight (or weight files of --target-size
+    bytes), without writing weights.
 
     Every planned tensor (weights, embeddings, lm_head; norms and biases stay raw) is encoded with every candidate
     setting (ecsq rates, rtn/gptq bits, lossless) for its exact bytes and its error, weighted by the input
@@ -726,22 +767,27 @@ def plan(src, target_bpw, out, kl, exclude, as_json, quiet, **options) -> None:
 
     hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
     calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen")}
+    if not _planning(options):
+        raise InputError("nwc plan needs --target-bpw or --target-size")
     local = Path(resolve_source(src, **hub, progress=not quiet))
-    result = _make_plan(local, target_bpw, options, calib, exclude, quiet)
-    if kl and "heldout_kl" not in result.notes:
-        from nwcfmt.planner.check import plan_kl
+    result = _make_plan(local, options, calib, exclude, quiet)
+    from nwcfmt.planner.check import HELDOUT_NOTES, plan_loss
 
-        result.notes["heldout_kl"] = plan_kl(local, [result], _calib_options(calib))[0]
+    if kl and not any(key in result.notes for key, _ in HELDOUT_NOTES.values()):
+        metric, values = plan_loss(local, [result], _calib_options(calib))
+        result.notes[HELDOUT_NOTES[metric][0]] = values[0]
     if out is not None:
         _write_text(out, result.to_json())
     if as_json:
         click.echo(result.to_json())
     else:
         click.echo(result.table())
-        for proxy, value in result.notes.get("rerank_heldout_kl", {}).items():
-            click.echo(f"held-out KL of the {proxy} plan: {value:.5f} nats per token")
-        if kl or "heldout_kl" in result.notes:
-            click.echo(f"held-out KL to the model: {result.notes['heldout_kl']:.5f} nats per token")
+        for metric, (key, all_key) in HELDOUT_NOTES.items():
+            what, unit = ("KL", " nats per token") if metric == "kl" else ("1 - cosine", "")
+            for proxy, value in result.notes.get(all_key, {}).items():
+                click.echo(f"held-out {what} of the {proxy} plan: {value:.5f}{unit}")
+            if key in result.notes:
+                click.echo(f"held-out {what} to the model: {result.notes[key]:.5f}{unit}")
 
 
 @cli.command()

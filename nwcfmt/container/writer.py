@@ -22,6 +22,7 @@ from nwcfmt.constants import (
     ALIGNMENT,
     LOADER_NOTICE,
     MANIFEST_KEY,
+    PAD_PREFIX,
     SEGMENT_SEPARATOR,
     SHARED_FORMAT_VERSION,
     SHARED_PREFIX,
@@ -98,6 +99,29 @@ def encoded_record(
         params=encoded.params,
         segments=segments,
     )
+
+
+_OFFSET_BOUND = 10**15  # data offsets as wide as a header can need (a petabyte)
+HEADER_ALLOWANCE = 4096  # a file's header beyond its records: framing, manifest fields, producer, metadata
+
+
+def record_overhead(
+    name: str, codec: Codec, encoded: EncodedTensor, shape: Sequence[int], dtype: torch.dtype,
+    alignment: int = ALIGNMENT,
+) -> int:  # fmt: skip
+    """An upper bound of the bytes a file spends on ``encoded`` (stored as ``name``) beyond its segments' data:
+    its manifest record as the header's JSON escapes it, a header entry per segment, and the alignment padding
+    before each segment with the header entry of that padding. Shared segments are counted as if not shared."""
+    record = encoded_record(name, codec, encoded, shape, dtype)
+    manifest_entry = json.dumps(record.to_json(), separators=(",", ":"), allow_nan=False)
+    total = len(json.dumps(manifest_entry)) - 1  # escaped inside the header's metadata string, with its comma
+    offsets = [_OFFSET_BOUND, _OFFSET_BOUND]
+    for seg_name, seg in encoded.segments.items():
+        entry = {"dtype": TORCH_TO_ST[seg.dtype], "shape": list(seg.shape), "data_offsets": offsets}
+        total += len(json.dumps({record.segments[seg_name].tensor: entry}, separators=(",", ":")))
+        pad = {f"{PAD_PREFIX}{_OFFSET_BOUND}": {"dtype": "U8", "shape": [alignment], "data_offsets": offsets}}
+        total += len(json.dumps(pad, separators=(",", ":"))) + alignment - 1
+    return total
 
 
 def check_encoded(

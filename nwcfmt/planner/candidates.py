@@ -13,13 +13,13 @@ encoder runs after planning (the data-free bytes are kept in ``Candidate.measure
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from nwcfmt.codecs.registry import get_codec
-from nwcfmt.container.writer import decode_encoded, encode_tensor, encoded_nbytes
+from nwcfmt.container.writer import decode_encoded, encode_tensor, encoded_nbytes, record_overhead
 from nwcfmt.errors import InputError, NwcError
 
 FAMILIES = ("ecsq", "gptq", "rtn", "lossless")
@@ -28,6 +28,7 @@ DEFAULT_FAMILIES = ("ecsq", "rtn", "lossless")
 ECSQ_RATES = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 INTEGER_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZE = 128
+UNKNOWN_OVERHEAD = 4096  # header bytes assumed for a record measured before headers were (older measurements)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Candidate:
     error: float  # weighted squared error of the decoded weight
     measured_bytes: int = 0  # the data-free record's bytes
     fisher_error: float | None = None  # sum F dW^2 with F the diagonal Fisher of the model's loss, when measured
+    overhead: int = UNKNOWN_OVERHEAD  # bound of the header bytes of its record (container.writer.record_overhead)
 
 
 @dataclass
@@ -115,10 +117,18 @@ class TensorCandidates:
     candidates: list[Candidate]
     scale: float = 1.0
     kind: str = "other"  # "linear" (Hessian-weighted), "embedding" (token-weighted), "other" (plain)
+    copies: list[str] = field(default_factory=list)  # tied copies stored under other names: same data, same choice
 
-    def costs(self) -> list[tuple[int, float]]:
-        """(bytes, scaled error) of each candidate, what the solver trades."""
-        return [(c.nbytes, c.error * self.scale) for c in self.candidates]
+    @property
+    def total_numel(self) -> int:
+        return self.numel * (1 + len(self.copies))
+
+    def costs(self, headers: bool = False) -> list[tuple[int, float]]:
+        """(bytes, scaled error) of each candidate, what the solver trades (``headers``: with the bound of its
+        header bytes); a tensor's tied copies take the same setting, so they add their bytes (and nothing to the
+        error, which the shared parameter's Fisher covers)."""
+        copies = 1 + len(self.copies)
+        return [((c.nbytes + c.overhead * headers) * copies, c.error * self.scale) for c in self.candidates]
 
     def sensitivity(self) -> float:
         """The measured sensitivity of this tensor: Fisher-weighted over weighted error, summed over the lossy
@@ -137,8 +147,10 @@ def _codec(option: Option, weight: ErrorWeight):
     return get_codec(option.codec).from_config(config)
 
 
-def encode_option(name: str, tensor: torch.Tensor, option: Option, weight: ErrorWeight) -> tuple[int, torch.Tensor]:
-    """(record bytes, decoded fp32 weight) of ``tensor`` under ``option``."""
+def encode_option(
+    name: str, tensor: torch.Tensor, option: Option, weight: ErrorWeight
+) -> tuple[int, torch.Tensor, int]:
+    """(record bytes, decoded fp32 weight, bound of the record's header bytes) of ``tensor`` under ``option``."""
     codec = _codec(option, weight)
     if option.codec == "gptq" and weight.hessian is not None:
         result = codec.quantize_with_hessian(tensor.to(torch.float32), weight.hessian)
@@ -146,7 +158,8 @@ def encode_option(name: str, tensor: torch.Tensor, option: Option, weight: Error
     else:
         codec, encoded = encode_tensor(name, tensor, codec)
         decoded = decode_encoded(name, codec, encoded, tuple(tensor.shape), tensor.dtype)
-    return encoded_nbytes(encoded), decoded.to(torch.float32)
+    overhead = record_overhead(name, codec, encoded, tuple(tensor.shape), tensor.dtype)
+    return encoded_nbytes(encoded), decoded.to(torch.float32), overhead
 
 
 def measure(
@@ -165,14 +178,14 @@ def measure(
         if not _codec(option, weight).supports(tensor):
             continue
         try:
-            nbytes, decoded = encode_option(name, tensor, option, weight)
+            nbytes, decoded, overhead = encode_option(name, tensor, option, weight)
         except NwcError:  # e.g. a rate below what the tensor's scales alone cost: not a candidate
             continue
         delta = decoded - ref
         cost = math.ceil(option.config["bits"] * tensor.numel() / 8) if option.codec == "ecsq" else nbytes
         fisher_error = None if fisher is None else float((fisher.double() * delta.double().pow(2)).sum())
         error = weighted_error(delta, weight)
-        out.candidates.append(Candidate(option, max(cost, nbytes), error, nbytes, fisher_error))
+        out.candidates.append(Candidate(option, max(cost, nbytes), error, nbytes, fisher_error, overhead))
     return out
 
 

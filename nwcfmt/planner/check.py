@@ -1,9 +1,10 @@
-"""The referee of a plan: end-to-end KL from the full-precision model to the planned one on held-out text.
+"""The referee of a plan: the end-to-end loss of the planned model against the full-precision one on held-out
+text: KL of the next-token distributions (causal LMs), one minus the cosine of the sentence embeddings (encoders).
 
 The planned model is the full-precision one with each planned tensor replaced by what its chosen setting decodes
 to, data-free (``gptq`` as ``rtn`` in the same layout; a calibrated encode after planning does at least as well
 in the proxy). The text is calibration-text windows that share nothing with the calibration windows
-(:func:`~nwcfmt.calibration.data.heldout_batches`); the evaluation text is never used. Causal LMs only.
+(:func:`~nwcfmt.calibration.data.heldout_batches`); the evaluation text is never used.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 import torch
 
 from nwcfmt.calibration.data import heldout_batches
-from nwcfmt.calibration.pipeline import CalibOptions, _checkpoint_name, _quiet_transformers
+from nwcfmt.calibration.model import auto_class, checkpoint_name, quiet_transformers
+from nwcfmt.calibration.pipeline import CalibOptions
 from nwcfmt.errors import InputError, NwcError
 from nwcfmt.planner.candidates import ErrorWeight, encode_option
 from nwcfmt.planner.measure import FISHER_SAMPLES
@@ -39,27 +41,58 @@ def kl_to_model(reference: list[torch.Tensor], model: torch.nn.Module, batches: 
     return total / count
 
 
-def plan_kl(
+HELDOUT_NOTES = {  # metric -> (the plan note of the chosen plan's value, of every re-ranked variant's)
+    "kl": ("heldout_kl", "rerank_heldout_kl"),
+    "1-cosine": ("heldout_1_minus_cosine", "rerank_heldout_1_minus_cosine"),
+}
+
+
+def _sentence_units(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """An encoder's sentence embeddings of ``batches`` (mean of the last hidden states), unit-normalised."""
+    out = []
+    with torch.no_grad():
+        for batch in batches:
+            output = model(input_ids=batch)
+            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            pooled = hidden.float().mean(dim=1)
+            out.append(pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+    return out
+
+
+def plan_loss(
     src: str | Path, plans: list[Plan], calib: CalibOptions | None = None, samples: int = CHECK_SAMPLES
-) -> list[float]:
-    """Held-out KL of each plan (module docstring), one full-precision pass shared by all."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+) -> tuple[str, list[float]]:
+    """(metric, the held-out loss of each plan) (module docstring), one full-precision pass shared by all: a causal
+    LM's mean KL per predicted token (``"kl"``, nats), an encoder's mean one minus the cosine of its sentence
+    embeddings (``"1-cosine"``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src, calib = Path(src), calib or CalibOptions()
-    with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True).eval()
-    if not any(a.endswith("ForCausalLM") for a in getattr(model.config, "architectures", None) or ()):
-        raise InputError("--kl measures causal language models only")
+    cls = auto_class(AutoConfig.from_pretrained(src, local_files_only=True))
+    with quiet_transformers():
+        model = cls.from_pretrained(src, dtype=torch.float32, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
     batches = heldout_batches(
         tokenizer, calib.text, samples, calib.seqlen, calib.samples, calib.seed, skip=FISHER_SAMPLES
     )  # after the Fisher's windows
-    reference = _log_probs(model, batches)
+    if cls is AutoModelForCausalLM:
+        metric, reference = "kl", _log_probs(model, batches)
+
+        def loss() -> float:
+            return kl_to_model(reference, model, batches)
+    else:
+        metric, units = "1-cosine", _sentence_units(model, batches)
+
+        def loss() -> float:
+            now = _sentence_units(model, batches)
+            cosines = torch.cat([(a * b).sum(dim=-1) for a, b in zip(units, now, strict=True)])
+            return float(1.0 - cosines.double().mean())
+
     source = WeightSource.open(src)
     params = {}
-    for n, p in model.named_parameters():
+    for n, p in model.named_parameters(remove_duplicate=False):  # a tied head's tensor, when stored, included
         try:
-            params[_checkpoint_name(n, source, model)] = p
+            params[checkpoint_name(n, source, model)] = p
         except NwcError:  # not in the checkpoint (a tied head): never planned
             continue
     planned = {e.name for plan in plans for e in plan.entries}
@@ -70,13 +103,23 @@ def plan_kl(
             for e in plan.entries:
                 if e.name not in params:
                     raise InputError(f"{e.name}: the model has no parameter for this tensor")
-                _, decoded = encode_option(e.name, source.get(e.name), e.choice.option, ErrorWeight())
+                _, decoded, _ = encode_option(e.name, source.get(e.name), e.choice.option, ErrorWeight())
                 params[e.name].copy_(decoded.reshape(params[e.name].shape))
-        out.append(kl_to_model(reference, model, batches))
+        out.append(loss())
         with torch.no_grad():
             for n, value in original.items():
                 params[n].copy_(value)
-    return out
+    return metric, out
 
 
-__all__ = ["CHECK_SAMPLES", "kl_to_model", "plan_kl"]
+def plan_kl(
+    src: str | Path, plans: list[Plan], calib: CalibOptions | None = None, samples: int = CHECK_SAMPLES
+) -> list[float]:
+    """Held-out KL of each plan of a causal LM (:func:`plan_loss`)."""
+    metric, values = plan_loss(src, plans, calib, samples)
+    if metric != "kl":
+        raise InputError("held-out KL is measured on causal language models only")
+    return values
+
+
+__all__ = ["CHECK_SAMPLES", "HELDOUT_NOTES", "kl_to_model", "plan_kl", "plan_loss"]

@@ -11,11 +11,14 @@ dimensions except norms and biases, embeddings and ``lm_head`` included (:func:`
    is one-hot, so that is its Hessian; the added count keeps the tokens calibration never saw from being free
    to destroy); any other planned tensor outside the blocks (an untied ``lm_head``, a
    pooler) is weighed plainly.
-3. With ``sensitivity`` (causal LMs), the diagonal Fisher of the model's next-token loss is measured once on
-   held-out calibration windows (labels sampled from the model, so it is the Fisher of the KL to the model), and
-   each tensor's errors are scaled by its measured sensitivity: Fisher-weighted over Hessian-weighted error of
-   its candidates (:meth:`TensorCandidates.sensitivity`). That puts every tensor, embeddings included, in one
-   unit (about twice the KL it adds). It needs the whole model in memory once.
+3. With ``sensitivity``, the diagonal Fisher of the model's output is measured once on held-out calibration
+   windows (:func:`fisher_diagonal`: a causal LM's next-token distribution, labels sampled from the model, so it
+   is the Fisher of the KL to the model; an encoder's sentence embedding, by random probes), and each tensor's
+   errors are scaled by its measured sensitivity: Fisher-weighted over Hessian-weighted error of its candidates
+   (:meth:`TensorCandidates.sensitivity`). That puts every tensor, embeddings included, in one unit (about twice
+   the KL it adds; for an encoder, twice one minus the cosine). It needs the whole model in memory once.
+4. A tied head that the checkpoint stores as a tensor of its own (the embedding's data under a second name) is
+   not measured apart: it takes the embedding's setting and adds its bytes (:attr:`TensorCandidates.copies`).
 """
 
 from __future__ import annotations
@@ -30,22 +33,25 @@ import torch
 from nwcfmt.calibration.blocks import block_linears, capture_inputs, run_block
 from nwcfmt.calibration.data import calibration_batches, heldout_batches
 from nwcfmt.calibration.hessian import HessianCollector
-from nwcfmt.calibration.pipeline import (
-    CalibOptions,
-    _base_prefix,
-    _checkpoint_name,
-    _load_model,
-    _quiet_transformers,
+from nwcfmt.calibration.model import (
+    auto_class,
+    base_prefix,
+    checkpoint_name,
+    load_model,
     load_weights,
+    quiet_transformers,
     release_weights,
     trim_heap,
 )
-from nwcfmt.errors import InputError
-from nwcfmt.planner.candidates import Candidate, ErrorWeight, Option, TensorCandidates, measure
+from nwcfmt.calibration.pipeline import CalibOptions
+from nwcfmt.container.writer import encode_tensor, record_overhead
+from nwcfmt.errors import EncodeError, InputError
+from nwcfmt.planner.candidates import UNKNOWN_OVERHEAD, Candidate, ErrorWeight, Option, TensorCandidates, measure
 from nwcfmt.policy import Policy
 from nwcfmt.sources import WeightSource
 
 FISHER_SAMPLES = 16  # held-out windows for the Fisher
+ENCODER_PROBES = 8  # random directions of an encoder's sentence embedding per window (its Gauss-Newton Fisher)
 Report = Callable[[str], None]
 
 
@@ -65,12 +71,14 @@ class Measured:
     proxy: str  # "hessian" or "fisher-scaled"
     seconds: float = 0.0
     exclude: list[str] = field(default_factory=list)  # globs kept raw, outside the plan
+    fixed_overhead: int = 0  # bound of the header bytes of the tensors not planned
 
     def to_dict(self) -> dict:
         """Plain JSON types (to solve for other targets later without measuring again)."""
         return {
             "fixed_bytes": self.fixed_bytes,
             "fixed_numel": self.fixed_numel,
+            "fixed_overhead": self.fixed_overhead,
             "proxy": self.proxy,
             "seconds": self.seconds,
             "exclude": list(self.exclude),
@@ -80,8 +88,17 @@ class Measured:
                     "numel": t.numel,
                     "scale": t.scale,
                     "kind": t.kind,
+                    "copies": list(t.copies),
                     "candidates": [
-                        [c.option.codec, c.option.config, c.nbytes, c.error, c.measured_bytes, c.fisher_error]
+                        [
+                            c.option.codec,
+                            c.option.config,
+                            c.nbytes,
+                            c.error,
+                            c.measured_bytes,
+                            c.fisher_error,
+                            c.overhead,
+                        ]
                         for c in t.candidates
                     ],
                 }
@@ -104,9 +121,10 @@ class Measured:
             TensorCandidates(
                 t["name"],
                 t["numel"],
-                [Candidate(Option.of(c[0], **c[1]), c[2], c[3], c[4], c[5]) for c in t["candidates"]],
+                [Candidate(Option.of(c[0], **c[1]), *c[2:]) for c in t["candidates"]],
                 t["scale"],
                 t["kind"],
+                list(t.get("copies", [])),
             )
             for t in doc["tensors"]
         ]
@@ -117,34 +135,74 @@ class Measured:
             doc["proxy"],
             doc.get("seconds", 0.0),
             doc.get("exclude", []),
+            doc.get("fixed_overhead", UNKNOWN_OVERHEAD * len(doc["tensors"])),
         )
 
 
 def fisher_diagonal(src: Path, batches: list[torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher of a causal LM's next-token loss over ``batches`` (labels sampled from the model), per
-    parameter of two or more dimensions, by the parameter's name; averaged over predicted tokens."""
-    from transformers import AutoModelForCausalLM
+    """Diagonal Fisher of the model's output over ``batches``, per parameter of two or more dimensions, by the
+    parameter's name. A causal LM: of its next-token loss, labels sampled from the model, averaged over predicted
+    tokens (so ``sum F dW^2`` is about twice the KL a change ``dW`` adds). An encoder: the Gauss-Newton diagonal
+    of its sentence embedding (the unit-normalised mean of the last hidden states), from :data:`ENCODER_PROBES`
+    random Gaussian directions a window, averaged over windows (``sum F dW^2`` is about ``|du|^2``, twice one
+    minus the cosine a change adds)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True).eval()
+    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    cls = auto_class(config)
+    with quiet_transformers():
+        model = cls.from_pretrained(src, dtype=torch.float32, local_files_only=True).eval()
     params = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
     for p in model.parameters():
         p.requires_grad_(p.dim() >= 2)
     acc = {n: torch.zeros_like(p) for n, p in params.items()}
     gen = torch.Generator().manual_seed(seed)
-    tokens = 0
+    samples = 0
+
+    def add(loss: torch.Tensor, retain: bool = False) -> None:
+        grads = torch.autograd.grad(loss, list(params.values()), retain_graph=retain, allow_unused=True)
+        for (n, _), g in zip(params.items(), grads, strict=True):
+            if g is not None:
+                acc[n].add_(g.pow(2))
+
     for batch in batches:
         for seq in batch:
-            logits = model(input_ids=seq[None], use_cache=False).logits[0, :-1].to(torch.float32)
-            logp = torch.log_softmax(logits, dim=-1)
-            labels = torch.multinomial(logp.detach().exp(), 1, generator=gen)
-            loss = -logp.gather(1, labels).sum()
-            grads = torch.autograd.grad(loss, list(params.values()))
-            for (n, _), g in zip(params.items(), grads, strict=True):
-                acc[n].add_(g.pow(2))
-            tokens += labels.shape[0]
+            if cls is AutoModelForCausalLM:
+                logits = model(input_ids=seq[None], use_cache=False).logits[0, :-1].to(torch.float32)
+                logp = torch.log_softmax(logits, dim=-1)
+                labels = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                add(-logp.gather(1, labels).sum())
+                samples += labels.shape[0]
+                continue
+            output = model(input_ids=seq[None])
+            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            pooled = hidden[0].to(torch.float32).mean(dim=0)
+            unit = pooled / pooled.norm().clamp(min=1e-12)
+            for k in range(ENCODER_PROBES):
+                probe = torch.randn(unit.shape, generator=gen)
+                add((probe * unit).sum(), retain=k < ENCODER_PROBES - 1)
+            samples += ENCODER_PROBES
     del model
-    return {n: a / max(tokens, 1) for n, a in acc.items()}
+    return {n: a / max(samples, 1) for n, a in acc.items()}
+
+
+def _tied_copies(model: torch.nn.Module, source: WeightSource, planned: list[str]) -> set[str]:
+    """Planned tensors that are the input embedding stored again under the name of a head tied to it (some
+    checkpoints store a tied ``lm_head`` too): they must keep the embedding's setting, or the two decode to
+    different values and transformers unties them on load. Call before any weight is loaded (loading gives every
+    name its own parameter)."""
+    embedding = model.get_input_embeddings().weight
+    names = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p is embedding:
+            try:
+                names.append(checkpoint_name(name, source, model))
+            except EncodeError:  # not stored under this name (the usual tied head)
+                continue
+    if len(names) < 2 or names[0] not in planned:
+        return set()
+    first = source.get(names[0])
+    return {n for n in names[1:] if n in planned and torch.equal(source.get(n), first)}
 
 
 def measure_model(
@@ -160,20 +218,21 @@ def measure_model(
     src = Path(src)
     calib = calib or CalibOptions()
     say = report or (lambda _: None)
-    model, layout, tokenizer = _load_model(src)
+    model, layout, tokenizer = load_model(src)
     source = WeightSource.open(src)
     planned = planned_tensors(source, exclude)
     if not planned:
         raise InputError(f"{src}: no tensor to plan (every tensor is a norm, a bias or excluded)")
+    copies = _tied_copies(model, source, planned)
     fixed = [n for n in source.names if n not in set(planned)]
     fixed_bytes = sum(source.meta(n).numel() * source.meta(n).element_size() for n in fixed)
     fixed_numel = sum(source.meta(n).numel() for n in fixed)
-    causal = any(a.endswith("ForCausalLM") for a in getattr(model.config, "architectures", None) or ())
+    fixed_overhead = sum(_raw_overhead(n, source.get(n)) for n in fixed)
     fisher: dict[str, torch.Tensor] = {}
-    if sensitivity and causal:
+    if sensitivity:
         say("measuring the Fisher sensitivity on held-out calibration windows")
         held = heldout_batches(tokenizer, calib.text, FISHER_SAMPLES, calib.seqlen, calib.samples, calib.seed, skip=0)
-        fisher = {_checkpoint_name(n, source, model): f for n, f in fisher_diagonal(src, held, calib.seed).items()}
+        fisher = {checkpoint_name(n, source, model): f for n, f in fisher_diagonal(src, held, calib.seed).items()}
     batches = calibration_batches(tokenizer, calib.text, calib.samples, calib.seqlen, calib.batch_size, calib.seed)
     counts = torch.bincount(torch.cat([b.reshape(-1) for b in batches]))
     out: dict[str, TensorCandidates] = {}
@@ -183,7 +242,7 @@ def measure_model(
         if not out[name].candidates:
             raise InputError(f"{name}: none of the planner's codecs can encode it; add lossless to --plan-codecs")
 
-    base = _base_prefix(model, layout)
+    base = base_prefix(model, layout)
     load_weights(layout.base, base, source, model, skip=(layout.blocks,), required=False)
     embedding = model.get_input_embeddings()
     embed_name = next((n for n, p in model.named_parameters() if p is embedding.weight), None)
@@ -199,7 +258,7 @@ def measure_model(
             inputs = [run_block(block, x, captured.kwargs[i]) for x in inputs]
         hessians = collector.hessians()
         for name in linears:
-            tensor = _checkpoint_name(f"{layout.block_name(i)}.{name}.weight", source, model)
+            tensor = checkpoint_name(f"{layout.block_name(i)}.{name}.weight", source, model)
             if tensor in planned:
                 measured(tensor, ErrorWeight(hessian=hessians[name]), "linear")
         release_weights(block)
@@ -207,9 +266,9 @@ def measure_model(
         trim_heap()
         say(f"block {i + 1}/{len(layout.blocks)} measured in {time.perf_counter() - t0:.1f} s")
     del inputs, captured
-    embed_tensor = _checkpoint_name(embed_name, source, model) if embed_name else None
+    embed_tensor = checkpoint_name(embed_name, source, model) if embed_name else None
     for name in planned:
-        if name in out:
+        if name in out or name in copies:
             continue
         if name == embed_tensor:
             rows = torch.ones(source.meta(name).shape[0], dtype=torch.float64)  # add-one: unseen tokens count too
@@ -220,12 +279,31 @@ def measure_model(
         else:
             measured(name, ErrorWeight(), "other")
         say(f"{name} measured")
-    tensors = [out[n] for n in planned]
+    if embed_tensor in out:
+        out[embed_tensor].copies = [n for n in planned if n in copies]
+    tensors = [out[n] for n in planned if n not in copies]
     if fisher:
-        for t in tensors:
-            t.scale = t.sensitivity()
+        _scale_by_sensitivity(tensors)
     proxy = "fisher-scaled" if fisher else "hessian"
-    return Measured(tensors, fixed_bytes, fixed_numel, proxy, time.perf_counter() - start, list(exclude))
+    seconds = time.perf_counter() - start
+    return Measured(tensors, fixed_bytes, fixed_numel, proxy, seconds, list(exclude), fixed_overhead)
 
 
-__all__ = ["FISHER_SAMPLES", "Measured", "fisher_diagonal", "measure_model", "planned_tensors"]
+def _scale_by_sensitivity(tensors: list[TensorCandidates]) -> None:
+    """Each tensor's scale is its measured sensitivity; a tensor the measured output never uses (BERT's pooler
+    under a mean-pooled sentence embedding) gets the median of the others rather than none, so that what other
+    uses of the model need of it is not given away."""
+    for t in tensors:
+        t.scale = t.sensitivity()
+    used = sorted(t.scale for t in tensors if t.scale > 0)
+    for t in tensors:
+        if t.scale == 0 and used:
+            t.scale = used[len(used) // 2]
+
+
+def _raw_overhead(name: str, tensor: torch.Tensor) -> int:
+    codec, encoded = encode_tensor(name, tensor, "raw")
+    return record_overhead(name, codec, encoded, tuple(tensor.shape), tensor.dtype)
+
+
+__all__ = ["ENCODER_PROBES", "FISHER_SAMPLES", "Measured", "fisher_diagonal", "measure_model", "planned_tensors"]
