@@ -229,14 +229,6 @@ def test_encode_meets_the_target(calib_llama_dir, tmp_path):
     assert torch.isfinite(model.model.embed_tokens.weight).all()
 
 
-def test_encode_meets_a_target_size(calib_llama_dir, tmp_path):
-    """encode --target-size: the weight files, headers included, hold at most the size and nearly all of it."""
-    out = tmp_path / "out"
-    run_nwc("encode", calib_llama_dir, "-o", out, "--target-size", "1.2MB", "-q", *CALIB)
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    assert 0.99 * 1_200_000 <= size <= 1_200_000, size
-
-
 def test_plan_prints_and_writes_a_policy(calib_llama_dir, tmp_path):
     """``nwc plan`` prints one line per tensor and writes the policy ``encode --policy`` reads (``encode
     --target-bpw`` runs through the same file, so test_encode_meets_the_target covers encoding it);
@@ -323,36 +315,40 @@ def test_rerank_keeps_the_plan_with_the_lowest_heldout_kl(calib_llama_dir, tmp_p
     assert proc.returncode != 0 and "drop --no-sensitivity" in proc.stderr
 
 
-def test_a_stored_tied_head_follows_the_embedding(calib_llama_dir, tmp_path):
-    """A checkpoint that stores its tied lm_head as a tensor of its own: the plan gives it the embedding's setting
-    (counting its bytes), --kl scores it, and the encoded folder decodes both alike, so transformers keeps them
-    tied."""
+def test_target_size_and_a_stored_tied_head(calib_llama_dir, tmp_path):
+    """encode --target-size: the weight files, headers included, hold at most the size and nearly all of it. The
+    checkpoint stores its tied lm_head as a tensor of its own: the plan gives it the embedding's setting (counting
+    its bytes), so the two decode alike and transformers keeps them tied; the referee substitutes it too."""
     import shutil
 
     from safetensors.torch import load_file, save_file
+
+    from nwcfmt.planner.candidates import Candidate, Option
+    from nwcfmt.planner.check import plan_loss
+    from nwcfmt.planner.plan import Plan, PlanEntry
 
     src = tmp_path / "src"
     shutil.copytree(calib_llama_dir, src)
     tensors = load_file(src / "model.safetensors")
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    plan = tmp_path / "plan.json"
-    run_nwc("plan", src, "--target-bpw", "2.5", "--kl", "-o", plan, "-q", *CALIB)
-    doc = json.loads(plan.read_text())
-    summary = doc["plan"]["tensors"]
+    out, plan = tmp_path / "out", tmp_path / "plan.json"
+    run_nwc("encode", src, "-o", out, "--target-size", "2MB", "--plan-out", plan, "-q", *CALIB)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert 0.99 * 2_000_000 <= size <= 2_000_000, size
+    summary = json.loads(plan.read_text())["plan"]["tensors"]
     assert summary["lm_head.weight"]["choice"] == summary["model.embed_tokens.weight"]["choice"]
     assert summary["lm_head.weight"]["predicted"] == 0.0  # its damage is in the embedding's (shared) Fisher
-    assert doc["plan"]["heldout_kl"] > 0 and doc["plan"]["bits_per_weight"] <= 2.5
-    out = tmp_path / "out"
-    run_nwc("encode", src, "-o", out, "--policy", plan, "-q", *CALIB)
-    bits, _ = _planned_bits(out)
-    assert 2.49 <= bits <= 2.5, bits
     from transformers import AutoModelForCausalLM
 
     import nwcfmt  # noqa: F401  (registers the quantizer)
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    numel = tensors["lm_head.weight"].numel()
+    exact = PlanEntry("lm_head.weight", numel, Candidate(Option.of("lossless"), 0, 0.0), 1.0, "tied")
+    metric, [loss] = plan_loss(src, [Plan([exact], 16.0, "planned", "hessian")], samples=2)
+    assert metric == "kl" and abs(loss) < 1e-6
 
 
 def test_an_encoders_sensitivity_predicts_its_embedding_change(tmp_path):
