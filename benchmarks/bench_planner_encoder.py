@@ -6,10 +6,11 @@ scored by sentence-embedding cosine to the original (protocol nwc-cos-v1). The s
 
 1. The planner measures MiniLM once (:func:`nwcfmt.planner.measure.measure_model` on the default calibration
    windows; the sensitivity is the Gauss-Newton Fisher of the sentence embedding) and keeps it in ``--cache``.
-2. Rows, all data-free (``ecsq calibrate=false``) so that plan and uniform codec use the same encoder:
-   ``plan-S`` (``--target-size S``), ``plan-hessian-S`` (the same on Hessian-weighted error alone, the planner's
-   proxy for encoders before the sensitivity), ``ecsq-S`` (one ``ecsq`` rate for every planned tensor, the
-   embeddings included, the largest whose file fits ``S``).
+2. Rows, data-free (``ecsq calibrate=false``) so that plan and uniform codec use the same encoder: ``plan-S``
+   (``--target-size S``), ``plan-hessian-S`` (the same on Hessian-weighted error alone, the planner's proxy for
+   encoders before the sensitivity), ``ecsq-S`` (one ``ecsq`` rate for every planned tensor, the embeddings
+   included, the largest whose file fits ``S``); and ``plan-9MB/cal``, ``ecsq-9MB/cal``, the same pair with the
+   Linears' ``ecsq`` calibrated (each at its planned rate; the embeddings stay data-free).
 3. Each row's folder is scored by ``nwc eval --reference`` (mean and minimum cosine over the evaluation text's
    first 256 sentences, which the planner never sees); ``file bytes`` are the weight file's size.
 
@@ -75,14 +76,25 @@ def rows(m: Measured) -> dict[str, dict]:
         out[f"plan-{label}"] = data_free(make_plan(m, None, target_size=size).policy_dict())
         out[f"plan-hessian-{label}"] = data_free(make_plan(hessian_only(m), None, target_size=size).policy_dict())
         out[f"ecsq-{label}"] = uniform_ecsq(m, size)
+    calibrated = min(SIZES, key=SIZES.get)  # the same pair with ecsq calibrated (embeddings stay data-free)
+    out[f"plan-{calibrated}/cal"] = make_plan(m, None, target_size=SIZES[calibrated]).policy_dict()
+    out[f"ecsq-{calibrated}/cal"] = calibrate(uniform_ecsq(m, SIZES[calibrated]))
     return out
 
 
-def score(src: Path, policy: dict, work: Path) -> dict:
-    """Encode ``src`` with ``policy`` and score it: file bytes, mean and minimum cosine, encode seconds."""
+def calibrate(policy: dict) -> dict:
+    """The policy with its ecsq settings calibrated (the codec's default)."""
+    for part in [policy, *policy["rules"]]:
+        part["params"] = {k: v for k, v in part["params"].items() if k != "calibrate"}
+    return policy
+
+
+def score(src: Path, policy: dict, work: Path, extra: tuple[str, ...] = ()) -> dict:
+    """Encode ``src`` with ``policy`` (and ``extra`` arguments) and score it: file bytes, mean and minimum cosine,
+    encode seconds."""
     path, out = work / "policy.json", work / "out"
     path.write_text(json.dumps(policy))
-    _, seconds = run(nwc("encode", str(src), "-o", str(out), "--policy", str(path), "-q", "--overwrite"))
+    _, seconds = run(nwc("encode", str(src), "-o", str(out), "--policy", str(path), "-q", "--overwrite", *extra))
     run(nwc("verify", str(out), "-q"))
     doc = json.loads(run(nwc("eval", str(out), "--reference", str(src), "--json", "--no-save", "-q"))[0].stdout)
     record = doc[0] if isinstance(doc, list) else doc
@@ -139,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             if name in done:
                 continue
             policy = table[name]
-            row = {"row": name, **score(src, policy, Path(tmp))}
+            # a uniform calibrated row: --codec runs the calibration pipeline (plan files are routed to it alone)
+            uniform_cal = name.startswith("ecsq-") and name.endswith("/cal")
+            extra = ("--codec", "ecsq", "--bits", str(policy["params"]["bits"])) if uniform_cal else ()
+            row = {"row": name, **score(src, policy, Path(tmp), extra)}
             plan = policy.get("plan", {})
-            row |= {"target_size": SIZES[name.rsplit("-", 1)[1]], "predicted": plan.get("predicted_error")}
+            label = name.split("/")[0].rsplit("-", 1)[1]
+            row |= {"target_size": SIZES[label], "predicted": plan.get("predicted_error")}
             row |= {"bound": plan.get("file_bytes_bound"), "params": None if plan else policy["params"]}
             with args.json.open("a") as f:
                 f.write(json.dumps(row) + "\n")
