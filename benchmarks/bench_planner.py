@@ -200,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
             policy.write_text(json.dumps(table[name]))
             out = Path(tmp) / "out"
             try:
+                # a uniform calibrated row: --codec runs the calibration pipeline (plan files are routed to it alone)
+                uniform_cal = name.endswith("/cal") and "plan" not in table[name]
+                params = table[name]["params"]
+                extra = ["--codec", table[name]["codec"], "--bits", str(params["bits"])] if uniform_cal else []
                 _, seconds = run(nwc("encode", str(src), "-o", str(out), "--policy", str(policy), "-q", "--overwrite",
-                                     "--no-resume"))  # fmt: skip
+                                     "--no-resume", *extra))  # fmt: skip
                 run(nwc("verify", str(out), "-q"))
             except RuntimeError as exc:
                 print(f"{name}: {exc}", flush=True)
