@@ -4,6 +4,7 @@ scripts, so ``benchmarks/`` is on ``sys.path`` and they import this module as ``
 from __future__ import annotations
 
 import math
+import random
 import subprocess
 import sys
 import time
@@ -46,3 +47,33 @@ def spearman(a: list[float], b: list[float]) -> float:
     ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
     return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+
+
+def random_plans(measured, n: int, target_bpw: float | None = None, target_size: int | None = None, seed: int = 0):
+    """``n`` plans for the target from ``measured``, each tensor's proxy error times a random log-normal factor
+    (sigma 1): the random plans of a rank study."""
+    from nwcfmt.planner import make_plan
+    from nwcfmt.planner.measure import Measured
+
+    rng = random.Random(seed)
+    plans = []
+    for _ in range(n):
+        noisy = Measured.from_dict(measured.to_dict())
+        for t in noisy.tensors:
+            t.scale *= math.exp(rng.gauss(0.0, 1.0))
+        plans.append(make_plan(noisy, target_bpw, target_size=target_size))
+    return plans
+
+
+def proxy_ranking(measured, plans: list, losses: list[float]) -> dict:
+    """Both proxies' predictions of ``plans`` (Fisher-scaled with ``measured``'s scales; Hessian-weighted alone)
+    and Spearman's correlation of each with the measured ``losses``."""
+    scale = {t.name: t.scale for t in measured.tensors}
+    fisher = [sum(e.choice.error * scale.get(e.name, 0.0) for e in p.entries) for p in plans]  # tied copies: 0
+    hessian = [sum(e.choice.error for e in p.entries) for p in plans]
+    return {
+        "predicted_fisher_scaled": fisher,
+        "predicted_hessian": hessian,
+        "spearman_fisher_scaled": spearman(fisher, losses),
+        "spearman_hessian": spearman(hessian, losses),
+    }

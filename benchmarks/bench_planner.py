@@ -27,13 +27,12 @@ import argparse
 import json
 import math
 import os
-import random
 import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import data_free, nwc, run, spearman
+from _common import data_free, nwc, proxy_ranking, random_plans, run
 
 from nwcfmt import data
 from nwcfmt.planner import make_plan, options
@@ -141,26 +140,10 @@ def planned_bits(folder: Path) -> tuple[float, float]:
 def rank_study(src: Path, m: Measured, n: int, seed: int = 0) -> dict:
     from nwcfmt.planner.check import plan_kl
 
-    rng = random.Random(seed)
-    plans = []
-    for _ in range(n):
-        noisy = Measured.from_dict(m.to_dict())
-        for t in noisy.tensors:
-            t.scale *= math.exp(rng.gauss(0.0, 1.0))
-        plans.append(make_plan(noisy, 3.5))
+    plans = random_plans(m, n, target_bpw=3.5, seed=seed)
     kls = plan_kl(src, plans)
-    scale = {t.name: t.scale for t in m.tensors}
-    fisher_pred = [sum(e.choice.error * scale[e.name] for e in p.entries) for p in plans]
-    hessian_pred = [sum(e.choice.error for e in p.entries) for p in plans]
-    return {
-        "plans": n,
-        "bits": [round(p.bits_per_weight, 4) for p in plans],
-        "heldout_kl": kls,
-        "predicted_fisher_scaled": fisher_pred,
-        "predicted_hessian": hessian_pred,
-        "spearman_fisher_scaled": spearman(fisher_pred, kls),
-        "spearman_hessian": spearman(hessian_pred, kls),
-    }
+    bits = [round(p.bits_per_weight, 4) for p in plans]
+    return {"plans": n, "bits": bits, "heldout_kl": kls, **proxy_ranking(m, plans, kls)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,17 +25,17 @@ import argparse
 import json
 import math
 import os
-import random
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import data_free, nwc, run, spearman
+from _common import data_free, nwc, proxy_ranking, random_plans, run
 
 from nwcfmt import data
 from nwcfmt.container.writer import HEADER_ALLOWANCE
 from nwcfmt.planner import make_plan, options
 from nwcfmt.planner.measure import Measured, measure_model
+from nwcfmt.planner.plan import RATE_DIGITS
 
 HERE = Path(__file__).resolve().parent
 SIZES = {"9MB": 9_000_000, "12MB": 12_000_000}
@@ -60,7 +60,7 @@ def uniform_ecsq(m: Measured, size: int) -> dict:
     """One ecsq rate for every planned tensor (embeddings included), the largest in thousandths of a bit whose
     bound, with the records' header bounds, fits ``size``."""
     numel = sum(t.total_numel for t in m.tensors)
-    headers = sum(max(c.overhead for c in t.candidates if c.option.codec == "ecsq") + 32 for t in m.tensors)
+    headers = sum(max(c.overhead for c in t.candidates if c.option.codec == "ecsq") + RATE_DIGITS for t in m.tensors)
     budget = size - HEADER_ALLOWANCE - m.fixed_bytes - m.fixed_overhead - headers
     bits = math.floor(1000 * 8 * budget / numel) / 1000
     while sum(math.ceil(bits * t.numel / 8) for t in m.tensors) > budget:
@@ -105,27 +105,12 @@ def score(src: Path, policy: dict, work: Path, extra: tuple[str, ...] = ()) -> d
 
 
 def rank_study(src: Path, m: Measured, n: int, size: int, work: Path, seed: int = 0) -> dict:
-    rng = random.Random(seed)
-    scale = {t.name: t.scale for t in m.tensors}
-    fisher_pred, hessian_pred, measured_loss = [], [], []
-    for _ in range(n):
-        noisy = Measured.from_dict(m.to_dict())
-        for t in noisy.tensors:
-            t.scale *= math.exp(rng.gauss(0.0, 1.0))
-        plan = make_plan(noisy, None, target_size=size)
-        fisher_pred.append(sum(e.choice.error * scale.get(e.name, 0.0) for e in plan.entries))
-        hessian_pred.append(sum(e.choice.error for e in plan.entries))
-        measured_loss.append(1.0 - score(src, data_free(plan.policy_dict()), work)["cosine"])
-        print(f"  random plan {len(measured_loss)}: 1 - cosine {measured_loss[-1]:.5f}", flush=True)
-    return {
-        "plans": n,
-        "size": size,
-        "one_minus_cosine": measured_loss,
-        "predicted_fisher_scaled": fisher_pred,
-        "predicted_hessian": hessian_pred,
-        "spearman_fisher_scaled": spearman(fisher_pred, measured_loss),
-        "spearman_hessian": spearman(hessian_pred, measured_loss),
-    }
+    losses = []
+    plans = random_plans(m, n, target_size=size, seed=seed)
+    for plan in plans:
+        losses.append(1.0 - score(src, data_free(plan.policy_dict()), work)["cosine"])
+        print(f"  random plan {len(losses)}: 1 - cosine {losses[-1]:.5f}", flush=True)
+    return {"plans": n, "size": size, "one_minus_cosine": losses, **proxy_ranking(m, plans, losses)}
 
 
 def main(argv: list[str] | None = None) -> int:
