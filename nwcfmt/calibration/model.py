@@ -43,6 +43,17 @@ def auto_class(config: Any):
     return AutoModel if encoder else AutoModelForCausalLM
 
 
+def load_full_model(src: Path) -> tuple[torch.nn.Module, Any]:
+    """The whole model in fp32, in eval mode, with the auto class that built it (:func:`auto_class`): for the
+    passes that need all of it at once (the planner's Fisher and its end-to-end check)."""
+    from transformers import AutoConfig
+
+    cls = auto_class(AutoConfig.from_pretrained(src, local_files_only=True))
+    with quiet_transformers():
+        model = cls.from_pretrained(src, dtype=torch.float32, local_files_only=True).eval()
+    return model, cls
+
+
 def supported_config(src: Path) -> Any:
     """The folder's transformers config, once its architecture is known to run block by block (checked on a
     ``meta`` model, before any weight is read); :class:`InputError` or :class:`UnsupportedError` otherwise."""
@@ -187,6 +198,7 @@ __all__ = [
     "base_prefix",
     "calibration_unavailable",
     "checkpoint_name",
+    "load_full_model",
     "load_model",
     "load_weights",
     "quiet_transformers",

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from nwcfmt.calibration.data import heldout_batches
-from nwcfmt.calibration.model import auto_class, checkpoint_name, quiet_transformers
+from nwcfmt.calibration.model import checkpoint_name, load_full_model
 from nwcfmt.calibration.pipeline import CalibOptions
 from nwcfmt.errors import InputError, NwcError
 from nwcfmt.planner.candidates import ErrorWeight, encode_option
-from nwcfmt.planner.measure import FISHER_SAMPLES
+from nwcfmt.planner.measure import FISHER_SAMPLES, sentence_units
 from nwcfmt.planner.plan import Plan
 from nwcfmt.sources import WeightSource
 
@@ -47,16 +47,9 @@ HELDOUT_NOTES = {  # metric -> (the plan note of the chosen plan's value, of eve
 }
 
 
-def _sentence_units(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """An encoder's sentence embeddings of ``batches`` (mean of the last hidden states), unit-normalised."""
-    out = []
+def _units(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     with torch.no_grad():
-        for batch in batches:
-            output = model(input_ids=batch)
-            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-            pooled = hidden.float().mean(dim=1)
-            out.append(pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12))
-    return out
+        return [sentence_units(model, b) for b in batches]
 
 
 def plan_loss(
@@ -65,12 +58,10 @@ def plan_loss(
     """(metric, the held-out loss of each plan) (module docstring), one full-precision pass shared by all: a causal
     LM's mean KL per predicted token (``"kl"``, nats), an encoder's mean one minus the cosine of its sentence
     embeddings (``"1-cosine"``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, calib = Path(src), calib or CalibOptions()
-    cls = auto_class(AutoConfig.from_pretrained(src, local_files_only=True))
-    with quiet_transformers():
-        model = cls.from_pretrained(src, dtype=torch.float32, local_files_only=True).eval()
+    model, cls = load_full_model(src)
     tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
     batches = heldout_batches(
         tokenizer, calib.text, samples, calib.seqlen, calib.samples, calib.seed, skip=FISHER_SAMPLES
@@ -81,10 +72,10 @@ def plan_loss(
         def loss() -> float:
             return kl_to_model(reference, model, batches)
     else:
-        metric, units = "1-cosine", _sentence_units(model, batches)
+        metric, units = "1-cosine", _units(model, batches)
 
         def loss() -> float:
-            now = _sentence_units(model, batches)
+            now = _units(model, batches)
             cosines = torch.cat([(a * b).sum(dim=-1) for a, b in zip(units, now, strict=True)])
             return float(1.0 - cosines.double().mean())
 

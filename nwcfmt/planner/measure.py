@@ -34,12 +34,11 @@ from nwcfmt.calibration.blocks import block_linears, capture_inputs, run_block
 from nwcfmt.calibration.data import calibration_batches, heldout_batches
 from nwcfmt.calibration.hessian import HessianCollector
 from nwcfmt.calibration.model import (
-    auto_class,
     base_prefix,
     checkpoint_name,
+    load_full_model,
     load_model,
     load_weights,
-    quiet_transformers,
     release_weights,
     trim_heap,
 )
@@ -146,12 +145,9 @@ def fisher_diagonal(src: Path, batches: list[torch.Tensor], seed: int = 0) -> di
     of its sentence embedding (the unit-normalised mean of the last hidden states), from :data:`ENCODER_PROBES`
     random Gaussian directions a window, averaged over windows (``sum F dW^2`` is about ``|du|^2``, twice one
     minus the cosine a change adds)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(src, local_files_only=True)
-    cls = auto_class(config)
-    with quiet_transformers():
-        model = cls.from_pretrained(src, dtype=torch.float32, local_files_only=True).eval()
+    model, cls = load_full_model(src)
     params = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
     for p in model.parameters():
         p.requires_grad_(p.dim() >= 2)
@@ -174,16 +170,22 @@ def fisher_diagonal(src: Path, batches: list[torch.Tensor], seed: int = 0) -> di
                 add(-logp.gather(1, labels).sum())
                 samples += labels.shape[0]
                 continue
-            output = model(input_ids=seq[None])
-            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-            pooled = hidden[0].to(torch.float32).mean(dim=0)
-            unit = pooled / pooled.norm().clamp(min=1e-12)
+            unit = sentence_units(model, seq[None])[0]
             for k in range(ENCODER_PROBES):
                 probe = torch.randn(unit.shape, generator=gen)
                 add((probe * unit).sum(), retain=k < ENCODER_PROBES - 1)
             samples += ENCODER_PROBES
     del model
     return {n: a / max(samples, 1) for n, a in acc.items()}
+
+
+def sentence_units(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """An encoder's sentence embeddings of ``input_ids`` (the mean of the last hidden states over the tokens),
+    unit-normalised, ``[batch, hidden]``."""
+    output = model(input_ids=input_ids)
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    pooled = hidden.to(torch.float32).mean(dim=1)
+    return pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 def _tied_copies(model: torch.nn.Module, source: WeightSource, planned: list[str]) -> set[str]:
@@ -306,4 +308,12 @@ def _raw_overhead(name: str, tensor: torch.Tensor) -> int:
     return record_overhead(name, codec, encoded, tuple(tensor.shape), tensor.dtype)
 
 
-__all__ = ["ENCODER_PROBES", "FISHER_SAMPLES", "Measured", "fisher_diagonal", "measure_model", "planned_tensors"]
+__all__ = [
+    "ENCODER_PROBES",
+    "FISHER_SAMPLES",
+    "Measured",
+    "fisher_diagonal",
+    "measure_model",
+    "planned_tensors",
+    "sentence_units",
+]

@@ -212,7 +212,7 @@ def make_plan(
     entries = [
         PlanEntry(t.name, t.numel, t.candidates[c], t.scale, t.kind) for t, c in zip(tensors, chosen, strict=True)
     ]
-    left = budget_bytes - sum(t.costs(headers)[c][0] for t, c in zip(tensors, chosen, strict=True))
+    left = budget_bytes - sum(table[c][0] for table, c in zip(tables, chosen, strict=True))
     _spend_on_a_rate(entries, tensors, left, headers)
     for k in reversed(range(len(tensors))):  # tied copies take their tensor's setting; their error is in its Fisher
         e = entries[k]
