@@ -25,6 +25,18 @@ def run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     return proc, time.perf_counter() - start
 
 
+def measured(src, cache):
+    """The planner's measurements of ``src`` with its defaults, measured once and kept in ``cache`` (the file
+    ``nwc plan --measurements`` reads and writes; one measured with other options or of a changed model is
+    refused, not reused)."""
+    from nwcfmt.calibration.pipeline import CalibOptions
+    from nwcfmt.planner import options
+    from nwcfmt.planner.store import measure_once
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    return measure_once(cache, src, options(), CalibOptions(), report=lambda line: print(f"  {line}", flush=True))
+
+
 def data_free(doc: dict) -> dict:
     """The policy ``doc`` with its ecsq settings data-free (calibrate=false)."""
     for part in [doc, *doc.get("rules", [])]:

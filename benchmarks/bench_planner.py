@@ -3,14 +3,17 @@
     python benchmarks/bench_planner.py                      # measure once, then every row (about 1.5 h, 2 cores)
     python benchmarks/bench_planner.py --only plan-3.5,ecsq-3.5
     python benchmarks/bench_planner.py --rank 8             # the proxies' rank correlation with held-out KL
+    python benchmarks/bench_planner.py --table              # results/planner.jsonl as a markdown table
 
 1. The planner measures SmolLM2 once (:func:`nwcfmt.planner.measure.measure_model`: every candidate of every
    planned tensor, embedding included; Hessians from the default calibration windows; the Fisher sensitivity
    from held-out calibration windows) and keeps the measurements in ``--cache``.
 2. Each row is an ``nwc encode`` of the fp32 checkpoint with a policy file: a plan for a target (``plan-T``:
    Fisher-scaled proxy; ``plan-hessian-T``: Hessian-weighted error alone), a uniform codec over the same tensors
-   (``ecsq-T``, ``rtn-B``: the embedding coded like the rest), or a Q4_K_M-like rule set (``q4km-like``).
-   Rows marked ``/cal`` calibrate their ``ecsq`` tensors (each at its planned rate); the others are data-free.
+   (``ecsq-T``, ``neural-T``, ``rtn-B``, ``gptq-B/cal``: the embedding coded like the rest; GPTQ's embedding,
+   which has no Hessian, RTN at the same setting), or a Q4_K_M-like rule set (``q4km-like``). Rows marked
+   ``/cal`` are calibrated (``ecsq`` tensors each at its planned rate, without the row-scale fine-tuning,
+   ``finetune=false``, in plans and uniform rows alike; ``gptq-B/cal``: GPTQ g128); the others are data-free.
 3. Every row is evaluated on the evaluation text (protocol nwc-ppl-v1: the first ``--windows`` windows of 2048
    tokens, which the planner never sees): perplexity, and the mean KL(FP || row) per token against the
    full-precision model's distributions on the same windows. Bits per weight are file bytes of the planned
@@ -18,7 +21,7 @@
 
 ``--rank N`` draws N plans at 3.5 bits (each tensor's proxy error multiplied by a random log-normal factor, then
 solved), measures each plan's KL on held-out calibration windows (:func:`nwcfmt.planner.check.plan_kl`), and
-prints Spearman's rank correlation of both proxies' predictions with it.
+prints Spearman's rank correlation of both proxies' predictions with it (and the planner's own plan's KL there).
 """
 
 from __future__ import annotations
@@ -29,30 +32,22 @@ import math
 import os
 import subprocess
 import tempfile
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
-from _common import data_free, nwc, proxy_ranking, random_plans, run
+from _common import data_free, measured, nwc, proxy_ranking, random_plans, run
 
 from nwcfmt import data
-from nwcfmt.planner import make_plan, options
-from nwcfmt.planner.measure import Measured, measure_model
+from nwcfmt.planner import make_plan
+from nwcfmt.planner.candidates import Option
+from nwcfmt.planner.measure import Measured
+from nwcfmt.planner.plan import error_at_rate
 
 HERE = Path(__file__).resolve().parent
 TARGETS = (3.0, 3.5, 4.0, 4.5)
 CACHE = Path(os.environ.get("NWC_BENCH_CACHE", Path.home() / ".cache" / "nwcfmt-bench")) / "planner-smollm2.json"
 EMBED = "model.embed_tokens.weight"
-
-
-def measured(src: Path, cache: Path) -> Measured:
-    if cache.exists():
-        return Measured.from_dict(json.loads(cache.read_text()))
-    say = lambda line: print(f"  {line}", flush=True)  # noqa: E731
-    m = measure_model(src, options(), report=say)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(m.to_dict()))
-    print(f"measured in {m.seconds:.0f} s -> {cache}", flush=True)
-    return m
 
 
 def without_sensitivity(m: Measured) -> Measured:
@@ -81,6 +76,21 @@ def q4km_like(blocks: int) -> dict:
     return {"codec": "rtn", "params": {"bits": 4, "group_size": 32}, "rules": rules}
 
 
+def uniform_gptq(bits: int) -> dict:
+    """GPTQ (4 or 3 bits, 128 per scale) for every Linear; the embedding (no Hessian) RTN at the same setting."""
+    params = {"bits": bits, "group_size": 128}
+    return {"codec": "gptq", "params": params, "rules": [{"match": "*embed_tokens*", "codec": "rtn", "params": params}]}
+
+
+def without_finetune(doc: dict) -> dict:
+    """``doc`` with its ecsq settings calibrated without the row-scale fine-tuning (``finetune=false``): the
+    calibrated rows' setting, four times faster to encode, the same for plans and uniform codecs."""
+    for part in [doc, *doc.get("rules", [])]:
+        if part.get("codec") == "ecsq":
+            part["params"] = {**part.get("params", {}), "finetune": False}
+    return doc
+
+
 def rows(m: Measured, targets: tuple[float, ...]) -> dict[str, dict]:
     plain = without_sensitivity(m)
     out: dict[str, dict] = {}
@@ -88,12 +98,63 @@ def rows(m: Measured, targets: tuple[float, ...]) -> dict[str, dict]:
         out[f"plan-{t}"] = data_free(make_plan(m, t).policy_dict())
         out[f"plan-hessian-{t}"] = data_free(make_plan(plain, t).policy_dict())
         out[f"ecsq-{t}"] = uniform("ecsq", bits=t, calibrate=False)
+        out[f"plan-{t}/cal"] = without_finetune(make_plan(m, t).policy_dict())
+        # the embedding data-free: no block calibrates it
+        out[f"ecsq-{t}/cal"] = without_finetune(uniform("ecsq", bits=t))
+    out["neural-3.5"] = uniform("neural", bits=3.5, calibrate=False)
+    out["neural-4.0"] = uniform("neural", bits=4.0, calibrate=False)
     out["rtn-3"] = uniform("rtn", bits=3, group_size=128)
     out["rtn-4"] = uniform("rtn", bits=4, group_size=128)
+    out["gptq-3/cal"] = uniform_gptq(3)
+    out["gptq-4/cal"] = uniform_gptq(4)
     out["q4km-like"] = q4km_like(30)
-    out["plan-3.5/cal"] = make_plan(m, 3.5).policy_dict()
-    out["ecsq-3.5/cal"] = uniform("ecsq", bits=3.5)  # the embedding data-free: no block calibrates it
     return out
+
+
+ENCODER_ONLY = ("calibrate", "finetune")  # params that change how a setting is encoded, not what is stored
+
+
+def predictions(m: Measured, doc: dict) -> tuple[float, float] | None:
+    """(Fisher-scaled proxy, Hessian-weighted proxy) the measurements give the policy ``doc``: each planned
+    tensor's data-free candidate for the setting the policy gives it (an ``ecsq`` rate between the measured ones
+    interpolated as the planner does); None where a setting is not measured (a Q4_K_M-like group of 32)."""
+    scaled = plain = 0.0
+    for t in m.tensors:
+        rule = next((r for r in doc.get("rules", []) if fnmatchcase(t.name, r["match"])), doc)
+        params = {k: v for k, v in (rule.get("params") or {}).items() if k not in ENCODER_ONLY}
+        option = Option.of(rule["codec"], **params)
+        found = next((c.error for c in t.candidates if c.option == option), None)
+        curve = sorted((c.option.config["bits"], c.error) for c in t.candidates if c.option.codec == "ecsq")
+        if found is None and option.codec == "ecsq" and curve and params["bits"] >= curve[0][0]:
+            found = error_at_rate(curve, params["bits"])  # a real-valued rate, as the planner predicts it
+        if found is None:
+            return None
+        scaled += found * t.scale
+        plain += found
+    return scaled, plain
+
+
+def table(m: Measured, results: list[dict]) -> str:
+    """The markdown table of ``results`` (rows of the jsonl), with each row's proxies (data-free candidates:
+    calibrated rows are predicted as their data-free settings, which they beat)."""
+    policies = rows(m, TARGETS)
+    lines = [
+        "| row | planned tensors: bits/weight (file bytes) | every tensor | perplexity | KL to FP (nats/token) "
+        "| predicted KL (Fisher-scaled proxy / 2) | Hessian-weighted proxy | encode s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "ppl" not in r:
+            continue
+        guess = predictions(m, policies[r["row"]]) if r["row"] in policies else None
+        scaled, plain = (f"{guess[0] / 2:.4f}", f"{guess[1]:.1f}") if guess else ("-", "-")
+        every = f"{r['file_bpw']:.4f}" if r.get("file_bpw") else "-"
+        seconds = f"{r['encode_s']:.0f}" if r.get("encode_s") else "-"
+        lines.append(
+            f"| {r['row']} | {r['planned_bpw']:.4f} | {every} | {r['ppl']:.2f} | {r['kl']:.4f} | {scaled} | {plain} "
+            f"| {seconds} |"
+        )
+    return "\n".join(lines)
 
 
 class Referee:
@@ -112,6 +173,25 @@ class Referee:
     def _logp(model, window: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return torch.log_softmax(model(input_ids=window[None], use_cache=False).logits[0, :-1].float(), -1)
+
+    def from_pretrained_gap(self, folder: Path) -> float:
+        """Max |logit difference| on the first 256 evaluation tokens between ``from_pretrained`` (the transformers
+        quantizer ``import nwcfmt`` registers) and the evaluation loader (``nwcfmt.load``): 0 when the plan loads
+        into transformers as it decodes."""
+        from transformers import AutoModelForCausalLM
+
+        from nwcfmt.eval.loading import load_for_eval
+
+        ids = self.windows[0][None, :256]
+        logits = []
+        for model in (
+            AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+            load_for_eval(folder, tokenizer=False).model,
+        ):
+            with torch.inference_mode():
+                logits.append(model(input_ids=ids, use_cache=False).logits.float())
+            del model
+        return float((logits[0] - logits[1]).abs().max())
 
     def score(self, folder: Path) -> tuple[float, float]:
         """(perplexity, mean KL(FP || model) in nats per token) of the folder's model."""
@@ -141,9 +221,9 @@ def rank_study(src: Path, m: Measured, n: int, seed: int = 0) -> dict:
     from nwcfmt.planner.check import plan_kl
 
     plans = random_plans(m, n, target_bpw=3.5, seed=seed)
-    kls = plan_kl(src, plans)
+    planned, *kls = plan_kl(src, [make_plan(m, 3.5), *plans])  # the planner's own plan, for scale
     bits = [round(p.bits_per_weight, 4) for p in plans]
-    return {"plans": n, "bits": bits, "heldout_kl": kls, **proxy_ranking(m, plans, kls)}
+    return {"plans": n, "bits": bits, "heldout_kl": kls, "plan_heldout_kl": planned, **proxy_ranking(m, plans, kls)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,18 +233,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=CACHE, help="the planner's measurements of SmolLM2")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "planner.jsonl")
     parser.add_argument("--rank", type=int, default=0, help="run the rank-correlation study with this many plans")
+    parser.add_argument("--table", action="store_true", help="print the results in --json as a markdown table")
     args = parser.parse_args(argv)
     src = data.smollm2_dir("float32")
     print(f"SmolLM2-135M fp32; {os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
     m = measured(src, args.cache)
+    if args.table:
+        print(table(m, [json.loads(line) for line in args.json.read_text().splitlines()]))
+        return 0
     if args.rank:
         result = rank_study(src, m, args.rank)
         print(json.dumps(result), flush=True)
         with args.json.open("a") as f:
             f.write(json.dumps({"row": "rank-study", **result}) + "\n")
         return 0
-    table = rows(m, TARGETS)
-    names = args.only.split(",") if args.only else list(table)
+    policies = rows(m, TARGETS)
+    names = args.only.split(",") if args.only else list(policies)
+    unknown = [n for n in names if n not in policies]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(policies)}")
     done = set()
     if args.json.exists():
         done = {json.loads(line)["row"] for line in args.json.read_text().splitlines()}
@@ -180,13 +267,15 @@ def main(argv: list[str] | None = None) -> int:
             if name in done:
                 continue
             policy = Path(tmp) / "policy.json"
-            policy.write_text(json.dumps(table[name]))
+            policy.write_text(json.dumps(policies[name]))
             out = Path(tmp) / "out"
             try:
                 # a uniform calibrated row: --codec runs the calibration pipeline (plan files are routed to it alone)
-                uniform_cal = name.endswith("/cal") and "plan" not in table[name]
-                params = table[name]["params"]
-                extra = ["--codec", table[name]["codec"], "--bits", str(params["bits"])] if uniform_cal else []
+                uniform_cal = name.endswith("/cal") and "plan" not in policies[name]
+                params = policies[name]["params"]
+                extra = ["--codec", policies[name]["codec"], "--bits", str(params["bits"])] if uniform_cal else []
+                if uniform_cal and "finetune" in params:
+                    extra += ["--param", f"finetune={str(params['finetune']).lower()}"]
                 _, seconds = run(nwc("encode", str(src), "-o", str(out), "--policy", str(policy), "-q", "--overwrite",
                                      "--no-resume", *extra))  # fmt: skip
                 run(nwc("verify", str(out), "-q"))
@@ -195,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             bits, every = planned_bits(out)
             ppl, kl = referee.score(out)
-            plan = table[name].get("plan", {})
+            plan = policies[name].get("plan", {})
             row = {
                 "row": name,
                 "planned_bpw": round(bits, 4),
@@ -207,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                 "plan_bpw": plan.get("bits_per_weight"),
                 "windows": args.windows,
             }
+            if "plan" in policies[name]:
+                row["from_pretrained_gap"] = referee.from_pretrained_gap(out)
             with args.json.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)

@@ -29,27 +29,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import data_free, nwc, proxy_ranking, random_plans, run
+from _common import data_free, measured, nwc, proxy_ranking, random_plans, run
 
 from nwcfmt import data
 from nwcfmt.container.writer import HEADER_ALLOWANCE
-from nwcfmt.planner import make_plan, options
-from nwcfmt.planner.measure import Measured, measure_model
+from nwcfmt.planner import make_plan
+from nwcfmt.planner.measure import Measured
 from nwcfmt.planner.plan import RATE_DIGITS
 
 HERE = Path(__file__).resolve().parent
 SIZES = {"9MB": 9_000_000, "12MB": 12_000_000}
 CACHE = Path(os.environ.get("NWC_BENCH_CACHE", Path.home() / ".cache" / "nwcfmt-bench")) / "planner-minilm.json"
-
-
-def measured(src: Path, cache: Path) -> Measured:
-    if cache.exists():
-        return Measured.from_dict(json.loads(cache.read_text()))
-    m = measure_model(src, options(), report=lambda line: print(f"  {line}", flush=True))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(m.to_dict()))
-    print(f"measured in {m.seconds:.0f} s -> {cache}", flush=True)
-    return m
 
 
 def hessian_only(m: Measured) -> Measured:

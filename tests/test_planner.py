@@ -251,6 +251,49 @@ def test_plan_prints_and_writes_a_policy(calib_llama_dir, tmp_path):
     assert {r.match for r in policy.rules} == set(summary["tensors"])
 
 
+def test_measurements_file_is_measured_once_and_checked(calib_llama_dir, tmp_path):
+    """--measurements: the first plan measures and writes the file; a plan for another target (and encode
+    --target-bpw) reads it without measuring and solves the same plan as from fresh measurements; a file measured
+    with other options, of a changed source, or not a measurements file, is refused in one line."""
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(calib_llama_dir, src)
+    saved = tmp_path / "m.json"
+    first, again = tmp_path / "p3.json", tmp_path / "p3-again.json"
+    proc = run_nwc("plan", src, "--target-bpw", "3", "--measurements", saved, "-o", first, *CALIB)
+    assert "measuring the Fisher sensitivity" in proc.stderr and saved.exists()
+    assert json.loads(saved.read_text())["format"] == "nwc-plan-measurements"
+    proc = run_nwc("plan", src, "--target-bpw", "3", "--measurements", saved, "-o", again, *CALIB)
+    assert "measurements from" in proc.stderr and "measuring" not in proc.stderr
+    plans = [json.loads(f.read_text()) for f in (first, again)]
+    assert plans[0]["rules"] == plans[1]["rules"] and plans[0]["plan"]["tensors"] == plans[1]["plan"]["tensors"]
+    out = tmp_path / "out"
+    proc = run_nwc("encode", src, "-o", out, "--target-bpw", "4", "--measurements", saved, "--calib-samples", "8",
+                   "--calib-seqlen", "64")  # fmt: skip
+    assert "measurements from" in proc.stderr
+    assert 3.99 <= _planned_bits(out)[0] <= 4.0
+
+    def refused(*args: str, file=saved) -> str:
+        proc = run_nwc("plan", src, "--target-bpw", "3", "--measurements", file, *args, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        return proc.stderr
+
+    assert "measured with another exclude" in refused("--exclude", "*q_proj*", *CALIB)
+    assert "measured with another calib" in refused("--calib-samples", "4", "--calib-seqlen", "64")
+    assert "measured with another choices" in refused("--plan-codecs", "ecsq", *CALIB)
+    assert "measured with another sensitivity" in refused("--no-sensitivity", *CALIB)
+    config = src / "config.json"
+    config.write_text(config.read_text() + "\n")  # the source changed: the measurements may be stale
+    assert "measured with another files" in refused(*CALIB)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "something else"}')
+    assert "not a measurements file" in refused(*CALIB, file=bad)
+    bad.write_text("{not json")
+    assert "not a measurements file" in refused(*CALIB, file=bad)
+    assert "its folder does not exist" in refused(*CALIB, file=tmp_path / "no" / "m.json")
+
+
 def test_gptq_plan_mixes_bits_in_one_calibrated_run(calib_llama_dir, tmp_path):
     """A gptq plan gives Linears different bits; the pipeline calibrates each at its own (per_linear_keys)."""
     plan = tmp_path / "plan.json"
@@ -289,6 +332,7 @@ def test_calibrated_codecs_still_refuse_other_per_tensor_params(calib_llama_dir,
         (["--target-size", "1MB", "--budget", "whole"], "drop --budget"),
         (["--target-size", "lots"], "--target-size: 'lots' is not a size"),
         (["--plan-out", "p.json"], "need --target-bpw or --target-size"),
+        (["--measurements", "m.json"], "need --target-bpw or --target-size"),
     ],
 )
 def test_bad_plans_get_one_line_errors(calib_llama_dir, tmp_path, args, message):

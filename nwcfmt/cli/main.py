@@ -152,6 +152,14 @@ def plan_options(fn: Callable) -> Callable:
         "loss on held-out calibration text (KL to the model; 1 - cosine for encoders).",
     )(fn)
     fn = click.option(
+        "--measurements",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        metavar="FILE",
+        help="Keep the planner's measurements of the model in FILE and reuse them: the first run measures and "
+        "writes it, later plans of the same model and options (another target) only solve.",
+    )(fn)
+    fn = click.option(
         "--no-sensitivity",
         is_flag=True,
         default=False,
@@ -305,8 +313,7 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
     hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
     no_resume = options.pop("no_resume")
     calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen")}
-    keys = ("target_bpw", "target_size", "budget", "plan_codecs", "no_sensitivity", "rerank", "plan_out")
-    planning = {key: options.pop(key) for key in keys}
+    planning = {key: options.pop(key) for key in PLANNING_KEYS}
     _check_planning(planning, codec, policy_file, options, params, ray)
     sparse = {key: options.pop(key) for key in ("prune", "sparsity", "sparsity_pattern", "prune_scope", "reconstruct")}
     codec_params = {**{k: v for k, v in options.items() if v is not None}, **parse_params(params)}  # quantizer
@@ -333,14 +340,27 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
             plan_file.unlink(missing_ok=True)
 
 
+PLANNING_KEYS = (  # encode's planner options: the two targets, then what only a plan uses
+    "target_bpw",
+    "target_size",
+    "budget",
+    "plan_codecs",
+    "no_sensitivity",
+    "rerank",
+    "plan_out",
+    "measurements",
+)
+
+
 def _check_planning(planning: dict, codec, policy_file, options: dict, params, ray) -> None:
     """One-line errors for planner options without --target-bpw, and for what --target-bpw decides itself."""
     from nwcfmt.distributed.torch_backend import launched_by_torchrun
 
     if not _planning(planning):
-        if any(planning[k] for k in ("budget", "plan_codecs", "no_sensitivity", "rerank", "plan_out")):
+        if any(planning[k] for k in PLANNING_KEYS[2:]):  # the options that only matter to a plan
             raise InputError(
-                "--budget, --plan-codecs, --no-sensitivity, --rerank and --plan-out need --target-bpw or --target-size"
+                "--budget, --plan-codecs, --no-sensitivity, --rerank, --plan-out and --measurements need --target-bpw "
+                "or --target-size"
             )
         return
     given = [k for k, v in (("--codec", codec), ("--policy", policy_file)) if v is not None]
@@ -468,8 +488,8 @@ def _make_plan(src: Path, planning: dict, calib: dict, exclude, quiet: bool):
     ``encode``)."""
     from nwcfmt.calibration.model import calibration_unavailable
     from nwcfmt.planner import DEFAULT_FAMILIES, make_plan, options
-    from nwcfmt.planner.measure import measure_model
     from nwcfmt.planner.plan import rerank
+    from nwcfmt.planner.store import measure_once
 
     reason = calibration_unavailable(src)
     if reason is not None:
@@ -485,7 +505,8 @@ def _make_plan(src: Path, planning: dict, calib: dict, exclude, quiet: bool):
     size = planning["target_size"]
     shards = _shard_count(src, planning.get("shard_bytes")) if size is not None else 1
     target_bpw, budget = planning["target_bpw"], planning["budget"] or "planned"
-    measured = measure_model(src, choices, options_, list(exclude), not planning["no_sensitivity"], say)
+    sensitivity = not planning["no_sensitivity"]
+    measured = measure_once(planning["measurements"], src, choices, options_, list(exclude), sensitivity, say)
     if planning["rerank"]:
         return rerank(src, measured, target_bpw, budget, options_, size, shards)
     return make_plan(measured, target_bpw, budget, size, shards)

@@ -242,7 +242,7 @@ def _spend_on_a_rate(entries: list[PlanEntry], tensors: list[TensorCandidates], 
         bits = min(math.floor(1000 * 8 * (e.choice.nbytes + share) / e.numel) / 1000, MAX_RATE)
         if bits < curve[0][0]:
             continue
-        error = _error_at(curve, bits)
+        error = error_at_rate(curve, bits)
         gain = (e.choice.error - error) * e.scale
         if gain > 0 and (best is None or gain > best[0]):
             best = (gain, k, bits, error, overhead, record_overhead)
@@ -258,7 +258,7 @@ def _spend_on_a_rate(entries: list[PlanEntry], tensors: list[TensorCandidates], 
         entries[k] = PlanEntry(e.name, e.numel, candidate, e.scale, e.kind)
 
 
-def _error_at(curve: list[tuple[float, float]], bits: float) -> float:
+def error_at_rate(curve: list[tuple[float, float]], bits: float) -> float:
     """A tensor's ecsq error at ``bits`` from its measured ``(rate, error)`` points (rates ascending)."""
     for (b0, e0), (b1, e1) in itertools.pairwise(curve):
         if b0 <= bits <= b1:
