@@ -143,7 +143,8 @@ def table(m: Measured, results: list[dict]) -> str:
         "| predicted KL (Fisher-scaled proxy / 2) | Hessian-weighted proxy | encode s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    order = ["fp", *policies]  # by target, then the other uniform rows
+    for r in sorted(results, key=lambda r: order.index(r["row"]) if r["row"] in order else len(order)):
         if "ppl" not in r:
             continue
         guess = predictions(m, policies[r["row"]]) if r["row"] in policies else None

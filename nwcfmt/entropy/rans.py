@@ -216,18 +216,20 @@ def decode_reference(
     x = stream.lanes[:, 0].astype(np.uint64)
     out = np.zeros((lanes, lane_symbols), dtype=np.uint16)
     mask = np.uint64(PROB_SCALE - 1)
+    failed = np.zeros(lanes, dtype=bool)  # lanes that ran out of words stop there
     for t in range(lane_symbols):
-        a, tt = active[:, t], tid[:, t]
+        tt = tid[:, t]
         slot = x & mask
         s = lut[tt, slot.astype(np.int64)]
         nx = f_tab[tt, s] * (x >> np.uint64(PROB_BITS)) + slot - c_tab[tt, s]
+        failed |= active[:, t] & (nx < STATE_LOW) & (pos >= end)
+        a = active[:, t] & ~failed
         need = a & (nx < STATE_LOW)
-        if bool((need & (pos >= end)).any()):
-            raise FormatError(f"{where}: a lane runs out of words (corrupt or truncated bitstream)")
         nx = np.where(need, (nx << np.uint64(WORD_BITS)) | words[np.minimum(pos, words.size - 1)], nx)
         pos = pos + need
         x = np.where(a, nx, x)
         out[:, t] = s
-    if bool((x != STATE_LOW).any()) or bool((pos != end).any()):
-        raise FormatError(f"{where}: a lane does not decode (corrupt or truncated bitstream)")
+    bad = np.flatnonzero(failed | (x != STATE_LOW) | (pos != end))
+    if bad.size:  # the native decoder's words: the first lane that does not decode
+        raise FormatError(f"{where}: lane {bad[0]} does not decode (corrupt or truncated bitstream)")
     return out.reshape(-1)[:n]
