@@ -37,12 +37,17 @@ def measured(src, cache):
     return measure_once(cache, src, options(), CalibOptions(), report=lambda line: print(f"  {line}", flush=True))
 
 
-def data_free(doc: dict) -> dict:
-    """The policy ``doc`` with its ecsq settings data-free (calibrate=false)."""
+def with_ecsq_params(doc: dict, **params) -> dict:
+    """The policy ``doc`` with ``params`` added to its ecsq settings (the main one and every rule's)."""
     for part in [doc, *doc.get("rules", [])]:
         if part.get("codec") == "ecsq":
-            part["params"] = {**part.get("params", {}), "calibrate": False}
+            part["params"] = {**part.get("params", {}), **params}
     return doc
+
+
+def data_free(doc: dict) -> dict:
+    """The policy ``doc`` with its ecsq settings data-free (calibrate=false)."""
+    return with_ecsq_params(doc, calibrate=False)
 
 
 def spearman(a: list[float], b: list[float]) -> float:

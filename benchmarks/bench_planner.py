@@ -36,7 +36,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
-from _common import data_free, measured, nwc, proxy_ranking, random_plans, run
+from _common import data_free, measured, nwc, proxy_ranking, random_plans, run, with_ecsq_params
 
 from nwcfmt import data
 from nwcfmt.planner import make_plan
@@ -48,14 +48,6 @@ HERE = Path(__file__).resolve().parent
 TARGETS = (3.0, 3.5, 4.0, 4.5)
 CACHE = Path(os.environ.get("NWC_BENCH_CACHE", Path.home() / ".cache" / "nwcfmt-bench")) / "planner-smollm2.json"
 EMBED = "model.embed_tokens.weight"
-
-
-def without_sensitivity(m: Measured) -> Measured:
-    doc = m.to_dict()
-    for t in doc["tensors"]:
-        t["scale"] = 1.0
-    doc["proxy"] = "hessian"
-    return Measured.from_dict(doc)
 
 
 def uniform(codec: str, **params) -> dict:
@@ -85,14 +77,11 @@ def uniform_gptq(bits: int) -> dict:
 def without_finetune(doc: dict) -> dict:
     """``doc`` with its ecsq settings calibrated without the row-scale fine-tuning (``finetune=false``): the
     calibrated rows' setting, four times faster to encode, the same for plans and uniform codecs."""
-    for part in [doc, *doc.get("rules", [])]:
-        if part.get("codec") == "ecsq":
-            part["params"] = {**part.get("params", {}), "finetune": False}
-    return doc
+    return with_ecsq_params(doc, finetune=False)
 
 
 def rows(m: Measured, targets: tuple[float, ...]) -> dict[str, dict]:
-    plain = without_sensitivity(m)
+    plain = m.with_scales(0.0, "hessian")  # the Hessian-weighted error alone
     out: dict[str, dict] = {}
     for t in targets:
         out[f"plan-{t}"] = data_free(make_plan(m, t).policy_dict())
@@ -124,9 +113,9 @@ def predictions(m: Measured, doc: dict) -> tuple[float, float] | None:
         params = {k: v for k, v in (rule.get("params") or {}).items() if k not in ENCODER_ONLY}
         option = Option.of(rule["codec"], **params)
         found = next((c.error for c in t.candidates if c.option == option), None)
-        curve = sorted((c.option.config["bits"], c.error) for c in t.candidates if c.option.codec == "ecsq")
-        if found is None and option.codec == "ecsq" and curve and params["bits"] >= curve[0][0]:
-            found = error_at_rate(curve, params["bits"])  # a real-valued rate, as the planner predicts it
+        if found is None and option.codec == "ecsq":  # a real-valued rate, as the planner predicts it
+            curve = sorted((c.option.config["bits"], c.error) for c in t.candidates if c.option.codec == "ecsq")
+            found = error_at_rate(curve, params["bits"]) if curve and params["bits"] >= curve[0][0] else None
         if found is None:
             return None
         scaled += found * t.scale

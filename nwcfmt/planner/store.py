@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nwcfmt.calibration.pipeline import CalibOptions
-from nwcfmt.convert import source_files
+from nwcfmt.convert import atomic_output, source_files
 from nwcfmt.errors import InputError
 from nwcfmt.planner.candidates import Option
 from nwcfmt.planner.measure import Measured, Report, measure_model
@@ -70,13 +70,11 @@ def read_measurements(path: Path, key: dict[str, Any]) -> Measured:
 
 def write_measurements(path: Path, key: dict[str, Any], measured: Measured) -> None:
     """Write ``measured`` and its key to ``path`` (a temp file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    doc = {"format": FORMAT, "version": VERSION, "key": key, "measured": measured.to_dict()}
     try:
-        tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, "key": key, "measured": measured.to_dict()}))
-        tmp.replace(path)
+        with atomic_output(Path(path), overwrite=True, is_dir=False) as tmp:
+            tmp.write_text(json.dumps(doc))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write the measurements ({exc})") from None
 
 
