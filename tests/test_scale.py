@@ -55,20 +55,25 @@ def test_data_free_encode_and_decode_stay_within_a_few_tensors(checkpoint, tmp_p
 
 
 def test_calibrated_encode_does_not_grow_with_depth(tmp_path):
-    """2 and 12 blocks of width 512: holding the model would add 10 fp32 blocks (108 MB); one block at a time adds
-    nothing but allocator noise. (The 2-block peak itself varies by about +-20 MB between runs: measured 570 to
-    620 MB against 594 to 635 MB at 10 blocks, on this code and on the commit before it; hence 0.6, not 0.5.)"""
-    peaks = {}
-    for layers in (2, 12):
+    """2 and 12 blocks of width 512: holding the model would add 10 fp32 blocks (108 MB) to every 12-block run; one
+    block at a time adds nothing but allocator noise. That noise only raises a peak (one run measured 570 to 620 MB
+    at 2 blocks, another 557 at 2 and 632 at 12 inside a full test run), so each depth runs twice, interleaved, and
+    the lower peaks are compared."""
+    peaks: dict[int, list[float]] = {2: [], 12: []}
+    for layers in peaks:
         src = tmp_path / f"src{layers}"
         src.mkdir()
         _, largest = write_checkpoint(src, 512, layers, 1408, shard_bytes=300 << 20)
-        args = ["encode", str(src), "-o", str(tmp_path / f"gptq{layers}"), "--codec", "gptq", "--bits", "4"]
-        seconds, peaks[layers] = run_measured([*args, "--calib-samples", "4", "--calib-seqlen", "64", "-q"])
-        print(f"gptq, {layers} blocks of width 512: {seconds:.1f} s, peak anon {peaks[layers]:.0f} MB")
+    for run in range(2):
+        for layers in peaks:
+            out = tmp_path / f"gptq{layers}-{run}"
+            args = ["encode", str(tmp_path / f"src{layers}"), "-o", str(out), "--codec", "gptq", "--bits", "4"]
+            seconds, peak = run_measured([*args, "--calib-samples", "4", "--calib-seqlen", "64", "-q"])
+            peaks[layers].append(peak)
+            print(f"gptq, {layers} blocks of width 512: {seconds:.1f} s, peak anon {peak:.0f} MB")
     block_mb = 4 * (2 * 512 * 512 + 2 * 128 * 512 + 3 * 1408 * 512) / 2**20  # one fp32 block
-    assert peaks[12] - peaks[2] <= 0.6 * 10 * block_mb
-    assert peaks[12] - baseline_mb() <= CALIBRATED_BOUND * largest / 2**20
+    assert min(peaks[12]) - min(peaks[2]) <= 0.6 * 10 * block_mb
+    assert max(peaks[12]) - baseline_mb() <= CALIBRATED_BOUND * largest / 2**20
 
 
 def test_killed_encode_resumes_from_its_finished_shards(tmp_path):

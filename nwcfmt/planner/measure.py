@@ -24,13 +24,13 @@ dimensions except norms and biases, embeddings and ``lm_head`` included (:func:`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from nwcfmt.calibration.blocks import block_linears, capture_inputs, run_block
+from nwcfmt.calibration.blocks import BlockLayout, block_linears, capture_inputs, run_block
 from nwcfmt.calibration.data import calibration_batches, heldout_batches
 from nwcfmt.calibration.hessian import HessianCollector
 from nwcfmt.calibration.model import (
@@ -244,30 +244,16 @@ def measure_model(
         if not out[name].candidates:
             raise InputError(f"{name}: none of the planner's codecs can encode it; add lossless to --plan-codecs")
 
-    base = base_prefix(model, layout)
-    load_weights(layout.base, base, source, model, skip=(layout.blocks,), required=False)
     embedding = model.get_input_embeddings()
     embed_name = next((n for n, p in model.named_parameters() if p is embedding.weight), None)
-    load_weights(layout.blocks[0], layout.block_name(0), source, model)
-    captured = capture_inputs(layout, batches)
-    release_weights(layout.base)
-    inputs = captured.inputs
-    for i, block in enumerate(layout.blocks):
-        t0 = time.perf_counter()
-        load_weights(block, layout.block_name(i), source, model)
-        linears = block_linears(block)
-        with torch.no_grad(), HessianCollector(linears) as collector:
-            inputs = [run_block(block, x, captured.kwargs[i]) for x in inputs]
-        hessians = collector.hessians()
-        for name in linears:
-            tensor = checkpoint_name(f"{layout.block_name(i)}.{name}.weight", source, model)
+    t0 = time.perf_counter()
+    for i, hessians in block_hessians(model, layout, source, batches):
+        for tensor, hessian in hessians.items():
             if tensor in planned:
-                measured(tensor, ErrorWeight(hessian=hessians[name]), "linear")
-        release_weights(block)
+                measured(tensor, ErrorWeight(hessian=hessian), "linear")
         del hessians
-        trim_heap()
         say(f"block {i + 1}/{len(layout.blocks)} measured in {time.perf_counter() - t0:.1f} s")
-    del inputs, captured
+        t0 = time.perf_counter()
     embed_tensor = checkpoint_name(embed_name, source, model) if embed_name else None
     for name in planned:
         if name in out or name in copies:
@@ -289,6 +275,28 @@ def measure_model(
     proxy = "fisher-scaled" if fisher else "hessian"
     seconds = time.perf_counter() - start
     return Measured(tensors, fixed_bytes, fixed_numel, proxy, seconds, list(exclude), fixed_overhead)
+
+
+def block_hessians(
+    model: torch.nn.Module, layout: BlockLayout, source: WeightSource, batches: list[torch.Tensor]
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Each block's index and the input Hessians of its Linears (by checkpoint name), the calibration ``batches``
+    run through the full-precision model one block at a time (memory: one block and its activations)."""
+    load_weights(layout.base, base_prefix(model, layout), source, model, skip=(layout.blocks,), required=False)
+    load_weights(layout.blocks[0], layout.block_name(0), source, model)
+    captured = capture_inputs(layout, batches)
+    release_weights(layout.base)
+    inputs = captured.inputs
+    for i, block in enumerate(layout.blocks):
+        load_weights(block, layout.block_name(i), source, model)
+        linears = block_linears(block)
+        with torch.no_grad(), HessianCollector(linears) as collector:
+            inputs = [run_block(block, x, captured.kwargs[i]) for x in inputs]
+        hessians = collector.hessians()
+        yield i, {checkpoint_name(f"{layout.block_name(i)}.{n}.weight", source, model): hessians[n] for n in linears}
+        release_weights(block)
+        del hessians
+        trim_heap()
 
 
 def _scale_by_sensitivity(tensors: list[TensorCandidates]) -> None:
