@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=HERE / "results" / "planner.jsonl")
     parser.add_argument("--rank", type=int, default=0, help="run the rank-correlation study with this many plans")
     parser.add_argument("--table", action="store_true", help="print the results in --json as a markdown table")
+    parser.add_argument(
+        "--calib-seed", type=int, default=0, help="calibrated rows: another calibration seed (rows NAME@seedN)"
+    )
     args = parser.parse_args(argv)
     src = data.smollm2_dir("float32")
     print(f"SmolLM2-135M fp32; {os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
@@ -254,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
     with tempfile.TemporaryDirectory(prefix="nwc-bench-plan-") as tmp:
         for name in names:
-            if name in done:
+            label = f"{name}@seed{args.calib_seed}" if args.calib_seed and name.endswith("/cal") else name
+            if label in done:
                 continue
             policy = Path(tmp) / "policy.json"
             policy.write_text(json.dumps(policies[name]))
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                 extra = ["--codec", policies[name]["codec"], "--bits", str(params["bits"])] if uniform_cal else []
                 if uniform_cal and "finetune" in params:
                     extra += ["--param", f"finetune={str(params['finetune']).lower()}"]
+                if label != name:
+                    extra += ["--calib-seed", str(args.calib_seed)]
                 _, seconds = run(nwc("encode", str(src), "-o", str(out), "--policy", str(policy), "-q", "--overwrite",
                                      "--no-resume", *extra))  # fmt: skip
                 run(nwc("verify", str(out), "-q"))
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             ppl, kl = referee.score(out)
             plan = policies[name].get("plan", {})
             row = {
-                "row": name,
+                "row": label,
                 "planned_bpw": round(bits, 4),
                 "file_bpw": round(every, 4),
                 "ppl": round(ppl, 3),

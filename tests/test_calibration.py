@@ -452,6 +452,24 @@ def test_cli_routes_calibrated_codecs(test_method, llama_dir, text, tmp_path):
     assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
 
 
+def test_cli_calib_seed_picks_other_windows(llama_dir, text, tmp_path):
+    """--calib-seed draws other windows from the text (other weights; the same seed, the same bytes), is recorded
+    in config.json, and is refused by a data-free codec like the other calibration options."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text)
+    args = ["encode", llama_dir, "--codec", "gptq", "--bits", BITS, "--group-size", GROUP, "--calib", calib,
+            "--calib-samples", 4, "--calib-seqlen", 32, "-q"]  # fmt: skip
+    for name, seeded in (("s0", ()), ("s7", ("--calib-seed", 7)), ("s7-again", ("--calib-seed", 7))):
+        result = _nwc(*args, "-o", tmp_path / name, *seeded)
+        assert result.exit_code == 0, result.stderr
+    weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in ("s0", "s7", "s7-again")}
+    assert weights["s0"] != weights["s7"] and weights["s7"] == weights["s7-again"]
+    recorded = json.loads((tmp_path / "s7" / "config.json").read_text())["quantization_config"]["calibration"]
+    assert recorded["seed"] == 7
+    result = _nwc("encode", llama_dir, "-o", tmp_path / "rtn", "--codec", "rtn", "--calib-seed", 1)
+    assert result.exit_code == 1 and "--calib-seed apply to calibrated codecs only" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("content", "extra", "message"),
     [

@@ -242,6 +242,12 @@ def plan_options(fn: Callable) -> Callable:
     "--calib-seqlen", type=click.IntRange(min=2), default=None, help="Calibrated codecs: tokens per window [256]."
 )
 @click.option(
+    "--calib-seed",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Calibrated codecs: seed of where the windows start in the text [0]; another seed, other windows.",
+)
+@click.option(
     "--prune",
     type=click.Choice(["magnitude", "random", "wanda", "sparsegpt"]),
     default=None,
@@ -312,7 +318,7 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
 
     hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
     no_resume = options.pop("no_resume")
-    calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen")}
+    calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen", "calib_seed")}
     planning = {key: options.pop(key) for key in PLANNING_KEYS}
     _check_planning(planning, codec, policy_file, options, params, ray)
     sparse = {key: options.pop(key) for key in ("prune", "sparsity", "sparsity_pattern", "prune_scope", "reconstruct")}
@@ -387,7 +393,7 @@ def _encode_routed(
     if codec == "sparse" and not _sparse_codec(codec_params).calibrated:
         factory = None
     if factory is None and any(v is not None for v in calib.values()) and not planned_here:
-        raise InputError("--calib, --calib-samples and --calib-seqlen apply to calibrated codecs only")
+        raise InputError("--calib, --calib-samples, --calib-seqlen and --calib-seed apply to calibrated codecs only")
     if factory is not None and getattr(get_codec_class(codec), "calibration_optional", False):
         factory = _optional_calibration(src, codec, codec_params, factory, quiet)
     if factory is not None and ray:
@@ -451,7 +457,7 @@ def _plan_codec(policy_file: Path) -> tuple[str, dict] | None:
 
 
 def _calib_options(calib: dict):
-    """The calibration options of ``--calib``, ``--calib-samples`` and ``--calib-seqlen``."""
+    """The calibration options of ``--calib``, ``--calib-samples``, ``--calib-seqlen`` and ``--calib-seed``."""
     from nwcfmt.calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, read_text_file
     from nwcfmt.calibration.pipeline import CalibOptions
 
@@ -464,6 +470,7 @@ def _calib_options(calib: dict):
         text_name=name or CalibOptions.text_name,
         samples=calib["calib_samples"] or DEFAULT_SAMPLES,
         seqlen=calib["calib_seqlen"] or DEFAULT_SEQLEN,
+        seed=calib.get("calib_seed") or 0,
     )
 
 
@@ -769,6 +776,9 @@ def _encode_calibrated(
 @click.option("--calib", "calib_file", type=click.Path(path_type=Path), default=None, help="Calibration text.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Calibration windows [128].")
 @click.option("--calib-seqlen", type=click.IntRange(min=2), default=None, help="Tokens per window [256].")
+@click.option(
+    "--calib-seed", type=click.IntRange(min=0), default=None, help="Seed of where the windows start in the text [0]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (the policy file).")
 @click.option("--revision", default=None, help="Hub repo ids: the branch, tag or commit to download [main].")
 @hub_options
@@ -787,7 +797,7 @@ def plan(src, out, kl, exclude, as_json, quiet, **options) -> None:
     from nwcfmt.hub import resolve_source
 
     hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
-    calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen")}
+    calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen", "calib_seed")}
     if not _planning(options):
         raise InputError("nwc plan needs --target-bpw or --target-size")
     local = Path(resolve_source(src, **hub, progress=not quiet))
