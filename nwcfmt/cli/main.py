@@ -318,7 +318,7 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
 
     hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
     no_resume = options.pop("no_resume")
-    calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen", "calib_seed")}
+    calib = {key: options.pop(key) for key in CALIB_KEYS}
     planning = {key: options.pop(key) for key in PLANNING_KEYS}
     _check_planning(planning, codec, policy_file, options, params, ray)
     sparse = {key: options.pop(key) for key in ("prune", "sparsity", "sparsity_pattern", "prune_scope", "reconstruct")}
@@ -346,6 +346,7 @@ def encode(src, dst, codec, exclude, policy_file, params, max_shard_size, ray, o
             plan_file.unlink(missing_ok=True)
 
 
+CALIB_KEYS = ("calib_file", "calib_samples", "calib_seqlen", "calib_seed")  # encode's and plan's calibration options
 PLANNING_KEYS = (  # encode's planner options: the two targets, then what only a plan uses
     "target_bpw",
     "target_size",
@@ -470,7 +471,7 @@ def _calib_options(calib: dict):
         text_name=name or CalibOptions.text_name,
         samples=calib["calib_samples"] or DEFAULT_SAMPLES,
         seqlen=calib["calib_seqlen"] or DEFAULT_SEQLEN,
-        seed=calib.get("calib_seed") or 0,
+        seed=calib["calib_seed"] or 0,
     )
 
 
@@ -797,7 +798,7 @@ def plan(src, out, kl, exclude, as_json, quiet, **options) -> None:
     from nwcfmt.hub import resolve_source
 
     hub = {key: options.pop(key) for key in ("revision", "endpoint", "token")}
-    calib = {key: options.pop(key) for key in ("calib_file", "calib_samples", "calib_seqlen", "calib_seed")}
+    calib = {key: options.pop(key) for key in CALIB_KEYS}
     if not _planning(options):
         raise InputError("nwc plan needs --target-bpw or --target-size")
     local = Path(resolve_source(src, **hub, progress=not quiet))
