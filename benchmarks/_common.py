@@ -25,16 +25,20 @@ def run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     return proc, time.perf_counter() - start
 
 
-def measured(src, cache):
-    """The planner's measurements of ``src`` with its defaults, measured once and kept in ``cache`` (the file
-    ``nwc plan --measurements`` reads and writes; one measured with other options or of a changed model is
-    refused, not reused)."""
+def measured(src, cache, ecsq_rates: tuple[float, ...] | None = None):
+    """The planner's measurements of ``src`` with its defaults (``ecsq_rates``: other ``ecsq`` rates than the
+    default ones), measured once and kept in ``cache`` (the file ``nwc plan --measurements`` reads and writes; one
+    measured with other options or of a changed model is refused, not reused)."""
     from nwcfmt.calibration.pipeline import CalibOptions
     from nwcfmt.planner import options
+    from nwcfmt.planner.candidates import Option
     from nwcfmt.planner.store import measure_once
 
+    choices = options()
+    if ecsq_rates is not None:
+        choices = [Option.of("ecsq", bits=b) for b in ecsq_rates] + [o for o in choices if o.codec != "ecsq"]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    return measure_once(cache, src, options(), CalibOptions(), report=lambda line: print(f"  {line}", flush=True))
+    return measure_once(cache, src, choices, CalibOptions(), report=lambda line: print(f"  {line}", flush=True))
 
 
 def with_ecsq_params(doc: dict, **params) -> dict:

@@ -30,7 +30,7 @@ import argparse
 import json
 import math
 import os
-import subprocess
+import shutil
 import tempfile
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -207,6 +207,27 @@ def planned_bits(folder: Path) -> tuple[float, float]:
     return bits, every
 
 
+def encode_and_score(src: Path, policy: dict, referee: Referee, tmp: Path, extra: list[str] = ()) -> dict:
+    """``nwc encode`` of ``src`` with the policy ``policy`` (and the options ``extra``), ``nwc verify``, and the
+    row's measured fields: bits per weight (planned tensors, every tensor), perplexity, KL, encode seconds, and for
+    a plan whether it loads with ``from_pretrained`` as it decodes. RuntimeError when a command fails."""
+    path, out = tmp / "policy.json", tmp / "out"
+    path.write_text(json.dumps(policy))
+    try:
+        _, seconds = run(nwc("encode", str(src), "-o", str(out), "--policy", str(path), "-q", "--overwrite",
+                             "--no-resume", *extra))  # fmt: skip
+        run(nwc("verify", str(out), "-q"))
+        bits, every = planned_bits(out)
+        ppl, kl = referee.score(out)
+        row = {"planned_bpw": round(bits, 4), "file_bpw": round(every, 4), "ppl": round(ppl, 3), "kl": round(kl, 5),
+               "encode_s": round(seconds, 1)}  # fmt: skip
+        if "plan" in policy:
+            row["from_pretrained_gap"] = referee.from_pretrained_gap(out)
+        return row
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def rank_study(src: Path, m: Measured, n: int, seed: int = 0) -> dict:
     from nwcfmt.planner.check import plan_kl
 
@@ -227,10 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--calib-seed", type=int, default=0, help="calibrated rows: another calibration seed (rows NAME@seedN)"
     )
+    parser.add_argument(
+        "--ecsq-rates", default=None, help="comma-separated ecsq rates the planner may choose (default: its own)"
+    )
     args = parser.parse_args(argv)
+    rates = tuple(float(r) for r in args.ecsq_rates.split(",")) if args.ecsq_rates else None
     src = data.smollm2_dir("float32")
     print(f"SmolLM2-135M fp32; {os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
-    m = measured(src, args.cache)
+    m = measured(src, args.cache, rates)
     if args.table:
         print(table(m, [json.loads(line) for line in args.json.read_text().splitlines()]))
         return 0
@@ -260,44 +285,25 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{name}@seed{args.calib_seed}" if args.calib_seed and name.endswith("/cal") else name
             if label in done:
                 continue
-            policy = Path(tmp) / "policy.json"
-            policy.write_text(json.dumps(policies[name]))
-            out = Path(tmp) / "out"
+            # a uniform calibrated row: --codec runs the calibration pipeline (plan files are routed to it alone)
+            uniform_cal = name.endswith("/cal") and "plan" not in policies[name]
+            params = policies[name]["params"]
+            extra = ["--codec", policies[name]["codec"], "--bits", str(params["bits"])] if uniform_cal else []
+            if uniform_cal and "finetune" in params:
+                extra += ["--param", f"finetune={str(params['finetune']).lower()}"]
+            if label != name:
+                extra += ["--calib-seed", str(args.calib_seed)]
             try:
-                # a uniform calibrated row: --codec runs the calibration pipeline (plan files are routed to it alone)
-                uniform_cal = name.endswith("/cal") and "plan" not in policies[name]
-                params = policies[name]["params"]
-                extra = ["--codec", policies[name]["codec"], "--bits", str(params["bits"])] if uniform_cal else []
-                if uniform_cal and "finetune" in params:
-                    extra += ["--param", f"finetune={str(params['finetune']).lower()}"]
-                if label != name:
-                    extra += ["--calib-seed", str(args.calib_seed)]
-                _, seconds = run(nwc("encode", str(src), "-o", str(out), "--policy", str(policy), "-q", "--overwrite",
-                                     "--no-resume", *extra))  # fmt: skip
-                run(nwc("verify", str(out), "-q"))
+                scored = encode_and_score(src, policies[name], referee, Path(tmp), extra)
             except RuntimeError as exc:
                 print(f"{name}: {exc}", flush=True)
                 continue
-            bits, every = planned_bits(out)
-            ppl, kl = referee.score(out)
             plan = policies[name].get("plan", {})
-            row = {
-                "row": label,
-                "planned_bpw": round(bits, 4),
-                "file_bpw": round(every, 4),
-                "ppl": round(ppl, 3),
-                "kl": round(kl, 5),
-                "encode_s": round(seconds, 1),
-                "target": plan.get("target_bpw"),
-                "plan_bpw": plan.get("bits_per_weight"),
-                "windows": args.windows,
-            }
-            if "plan" in policies[name]:
-                row["from_pretrained_gap"] = referee.from_pretrained_gap(out)
+            row = {"row": label, **scored, "target": plan.get("target_bpw"), "plan_bpw": plan.get("bits_per_weight"),
+                   "windows": args.windows}  # fmt: skip
             with args.json.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-            subprocess.run(["rm", "-rf", str(out)], check=False)
     return 0
 
 

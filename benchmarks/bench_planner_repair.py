@@ -23,11 +23,12 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import bench_planner as bp
 import torch
-from _common import measured, nwc, run
+from _common import measured
 
 from nwcfmt import data
 from nwcfmt.calibration.data import calibration_batches
@@ -35,7 +36,7 @@ from nwcfmt.calibration.model import load_model
 from nwcfmt.calibration.pipeline import CalibOptions
 from nwcfmt.codecs.registry import get_codec
 from nwcfmt.planner import make_plan
-from nwcfmt.planner.candidates import ErrorWeight, weighted_error
+from nwcfmt.planner.candidates import ErrorWeight, TensorCandidates, weighted_error
 from nwcfmt.planner.measure import Measured, block_hessians
 from nwcfmt.sources import WeightSource
 
@@ -65,13 +66,16 @@ def repairs(src: Path, m: Measured) -> dict[str, dict[float, float]]:
 
 
 def with_repairs(m: Measured, repair: dict[str, dict[float, float]]) -> Measured:
-    doc = m.to_dict()
-    for t in doc["tensors"]:
-        if t["name"] in repair:
-            for c in t["candidates"]:
-                if c[0] == "ecsq":
-                    c[3] *= repair[t["name"]][4.0]
-    return Measured.from_dict(doc)
+    """``m`` with each repaired Linear's ``ecsq`` errors multiplied by its repair at 4 bits."""
+
+    def scaled(t: TensorCandidates) -> TensorCandidates:
+        if t.name not in repair:
+            return t
+        factor = repair[t.name][4.0]
+        candidates = [replace(c, error=c.error * factor) if c.option.codec == "ecsq" else c for c in t.candidates]
+        return replace(t, candidates=candidates)
+
+    return replace(m, tensors=[scaled(t) for t in m.tensors])
 
 
 def mix(policy: dict) -> dict[str, list]:
@@ -117,13 +121,7 @@ def main() -> int:
         if referee is None:
             continue
         with tempfile.TemporaryDirectory(prefix="nwc-bench-repair-") as tmp:
-            path, out = Path(tmp) / "policy.json", Path(tmp) / "out"
-            path.write_text(json.dumps(policy))
-            _, seconds = run(nwc("encode", str(src), "-o", str(out), "--policy", str(path), "-q", "--no-resume"))
-            bits, every = bp.planned_bits(out)
-            ppl, kl = referee.score(out)
-        row = {"row": f"plan-{target}/cal-repair", "planned_bpw": round(bits, 4), "file_bpw": round(every, 4),
-               "ppl": round(ppl, 3), "kl": round(kl, 5), "encode_s": round(seconds, 1)}  # fmt: skip
+            row = {"row": f"plan-{target}/cal-repair", **bp.encode_and_score(src, policy, referee, Path(tmp))}
         print(json.dumps(row), flush=True)
         with args.json.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -25,7 +25,7 @@ from nwcfmt.errors import InputError, NwcError
 FAMILIES = ("ecsq", "gptq", "rtn", "lossless")
 CALIBRATED_FAMILIES = ("ecsq", "gptq")  # a plan holds at most one: the calibration pipeline runs one encoder
 DEFAULT_FAMILIES = ("ecsq", "rtn", "lossless")
-ECSQ_RATES = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
+ECSQ_RATES = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0)
 INTEGER_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZE = 128
 UNKNOWN_OVERHEAD = 4096  # header bytes assumed for a record measured before headers were (older measurements)
