@@ -31,12 +31,9 @@ def measured(src, cache, ecsq_rates: tuple[float, ...] | None = None):
     measured with other options or of a changed model is refused, not reused)."""
     from nwcfmt.calibration.pipeline import CalibOptions
     from nwcfmt.planner import options
-    from nwcfmt.planner.candidates import Option
     from nwcfmt.planner.store import measure_once
 
-    choices = options()
-    if ecsq_rates is not None:
-        choices = [Option.of("ecsq", bits=b) for b in ecsq_rates] + [o for o in choices if o.codec != "ecsq"]
+    choices = options() if ecsq_rates is None else options(ecsq_rates=ecsq_rates)
     cache.parent.mkdir(parents=True, exist_ok=True)
     return measure_once(cache, src, choices, CalibOptions(), report=lambda line: print(f"  {line}", flush=True))
 

@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -207,7 +208,7 @@ def planned_bits(folder: Path) -> tuple[float, float]:
     return bits, every
 
 
-def encode_and_score(src: Path, policy: dict, referee: Referee, tmp: Path, extra: list[str] = ()) -> dict:
+def encode_and_score(src: Path, policy: dict, referee: Referee, tmp: Path, extra: Sequence[str] = ()) -> dict:
     """``nwc encode`` of ``src`` with the policy ``policy`` (and the options ``extra``), ``nwc verify``, and the
     row's measured fields: bits per weight (planned tensors, every tensor), perplexity, KL, encode seconds, and for
     a plan whether it loads with ``from_pretrained`` as it decodes. RuntimeError when a command fails."""

@@ -57,8 +57,8 @@ class Option:
         return self.codec
 
 
-def options(families: tuple[str, ...] = DEFAULT_FAMILIES) -> list[Option]:
-    """Every setting of the given codec families the planner considers."""
+def options(families: tuple[str, ...] = DEFAULT_FAMILIES, ecsq_rates: tuple[float, ...] = ECSQ_RATES) -> list[Option]:
+    """Every setting of the given codec families the planner considers (``ecsq`` at ``ecsq_rates``)."""
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise InputError(f"the planner knows the codecs {', '.join(FAMILIES)}, not {', '.join(unknown)}")
@@ -68,7 +68,7 @@ def options(families: tuple[str, ...] = DEFAULT_FAMILIES) -> list[Option]:
     out: list[Option] = []
     for family in families:
         if family == "ecsq":
-            out += [Option.of("ecsq", bits=b) for b in ECSQ_RATES]
+            out += [Option.of("ecsq", bits=b) for b in ecsq_rates]
         elif family in ("rtn", "gptq"):
             out += [Option.of(family, bits=b, group_size=GROUP_SIZE) for b in INTEGER_BITS]
         else:
